@@ -28,7 +28,7 @@ def test_book_lists_parts_and_the_reproduce_appendix():
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
 def test_chapter_executes_from_committed_cache(chapter, tmp_path, monkeypatch):
-    env = {"ICL_CACHE": "readonly", "ICL_MODEL": "smollm2-135m", "MPLBACKEND": "Agg",
+    env = {"ICL_CACHE": "readonly", "ICL_MODEL": "smollm2-135m",
            "ICL_CACHE_DIR": str(REPO_ROOT / "cache")}
     out = tmp_path / "executed.ipynb"
     values = quarto.execute_qmd(chapter, REPO_ROOT, env=env, save_to=out)

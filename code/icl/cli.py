@@ -156,7 +156,7 @@ def cmd_book(args: argparse.Namespace) -> int:
     del loaded
     chapters = quarto.book_files(REPO_ROOT)
     out_dir = Path(args.notebooks)
-    env = {"ICL_CACHE": "readonly", "ICL_MODEL": config.model, "MPLBACKEND": "Agg"}
+    env = {"ICL_CACHE": "readonly", "ICL_MODEL": config.model}
     print(f"[2/3] executing {len(chapters)} chapters through a Jupyter kernel ...")
     for path in chapters:
         start = time.time()
