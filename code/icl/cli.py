@@ -97,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         start = time.time()
         entry, loaded = experiments.run(name, config, params, progress=True, loaded=loaded)
         took = time.time() - start
-        what = "computed" if took > 0.5 and entry.meta.get("elapsed_s") is not None and loaded else "cached"
+        what = "computed" if (entry.path / "meta.json").stat().st_mtime >= start - 1 else "cached"
         print(f"{name}: {what} -> {entry.path.relative_to(config.cache_dir.parent) if entry.path.is_relative_to(config.cache_dir.parent) else entry.path} ({took:.1f} s)")
     return 0
 

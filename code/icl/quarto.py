@@ -469,6 +469,8 @@ def execute_qmd(
         kernel_name="python3",
         allow_errors=False,
         resources={"metadata": {"path": str(root)}},
+        # Quiet the kernel's own start-up log (e.g. its TCP-transport notice); cell errors still surface.
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
     )
     client.reset_execution_trackers()
     results: dict[str, str] = {}

@@ -6,7 +6,9 @@ Each experiment is a module in this package with
 * ``USES_MODEL`` — whether it needs a pretrained model (trained-here and symbolic ones do not);
 * ``Params`` — a frozen dataclass of every setting that affects the result, ``seed`` included;
 * ``content_digest(params) -> str`` — a hash of the prompts or data, computed without any model;
-* ``compute(params, model, progress) -> (arrays, data)`` — numpy arrays and small JSON results.
+* ``compute(params, model, progress) -> (arrays, data)`` — numpy arrays and small JSON results;
+* optionally ``DEPENDS`` — names of experiments whose (default-parameter) results this one analyses;
+  their keys enter this one's key, and ``compute`` receives them as ``upstream={name: Entry}``.
 
 :func:`run` turns a name, a :class:`~icl.config.Config` and parameters into a cache entry: it builds the
 key inputs, loads the entry if it is there (``use``/``readonly``), and otherwise loads the model once,
@@ -23,12 +25,13 @@ from types import ModuleType
 from typing import Any
 
 from icl import models
-from icl.cache import Cache, Entry
+from icl.cache import Cache, Entry, key_of
 from icl.config import Config
 from icl.errors import CacheMissError, ConfigError, ModelUnavailableError, UnknownExperimentError
 
 REGISTRY: dict[str, str] = {
     "surprisal": "icl.experiments.surprisal",
+    "bayes_fit": "icl.experiments.bayes_fit",
 }
 
 
@@ -84,6 +87,12 @@ def key_inputs(module: ModuleType, params: Any, config: Config,
         "content_sha256": module.content_digest(params),
         "model": None,
     }
+    depends = getattr(module, "DEPENDS", ())
+    if depends:
+        # A derived experiment (a fit to another experiment's result) is keyed by its inputs' keys.
+        inputs["depends"] = {
+            dep: key_of(key_inputs(get(dep), make_params(get(dep)), config, loaded)) for dep in depends
+        }
     if module.USES_MODEL:
         spec = loaded.spec if loaded else models.resolve(config.model)
         model_id = spec.name if spec.source != "local" else f"local:{spec.location.rstrip('/').split('/')[-1]}"
@@ -119,10 +128,17 @@ def run(name: str, config: Config, params: Any = None, progress: bool = False,
                 f"compute it with: python -m icl run {name}"
                 + (f" --model {config.model}" if module.USES_MODEL and config.model != "smollm2-135m" else "")
             )
+    upstream = {}
+    for dep in getattr(module, "DEPENDS", ()):
+        upstream[dep], loaded = run(dep, config.with_(cache_mode="use") if config.cache_mode == "refresh"
+                                    else config, progress=progress, loaded=loaded)
     if module.USES_MODEL and loaded is None:
         loaded = models.load(config)
     start = time.time()
-    arrays, data = module.compute(params, loaded, progress=progress)
+    if upstream:
+        arrays, data = module.compute(params, loaded, progress=progress, upstream=upstream)
+    else:
+        arrays, data = module.compute(params, loaded, progress=progress)
     elapsed = time.time() - start
     import torch
 
