@@ -32,6 +32,13 @@ from icl.errors import CacheMissError, ConfigError, ModelUnavailableError, Unkno
 REGISTRY: dict[str, str] = {
     "surprisal": "icl.experiments.surprisal",
     "bayes_fit": "icl.experiments.bayes_fit",
+    "icl_score": "icl.experiments.icl_score",
+    "bayes_toy": "icl.experiments.bayes_toy",
+    "phase_change": "icl.experiments.phase_change",
+    "icl_regression": "icl.experiments.icl_regression",
+    "contexts_to_weights": "icl.experiments.contexts_to_weights",
+    "slt_free_energy": "icl.experiments.slt_free_energy",
+    "slt_llc": "icl.experiments.slt_llc",
 }
 
 

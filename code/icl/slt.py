@@ -1,0 +1,412 @@
+"""Singular learning theory on models small enough to check: learning coefficients, exactly and by sampling.
+
+Context. Bayesian learning with ``n`` samples weighs a region of parameter space by its *evidence*
+``Z_n = ∫ φ(w) exp(-n L_n(w)) dw``; its negative logarithm is the *free energy* ``F_n``. For a regular
+model (identifiable, with a positive-definite Fisher information) Laplace's method gives
+``F_n ≈ n L_n(w*) + (d/2) log n``: every parameter costs half a nat per e-fold of data. Neural
+networks are not regular: many parameters give the same function, the Fisher information is
+degenerate, and Watanabe's theorem replaces ``d/2`` by the *real log canonical threshold* (RLCT, the
+learning coefficient) ``λ ≤ d/2`` and adds a ``-(m-1) log log n`` term, where ``m`` is its
+multiplicity [Watanabe 2009]:
+
+    F_n = n L_n(w*) + λ log n − (m − 1) log log n + O_p(1).
+
+Intuition. ``λ`` measures how fast the volume of near-optimal parameters shrinks:
+``vol{w : K(w) < ε} ∝ ε^λ (−log ε)^(m−1)`` where ``K`` is the KL divergence from the truth. A flat
+direction costs nothing, a quadratic one costs 1/2, a quartic one 1/4. Everything here makes that
+statement checkable on small models:
+
+* **Zeta functions** (SymPy). ``ζ(z) = ∫ K(w)^z φ(w) dw`` is analytic for ``Re z > 0`` and continues
+  to a meromorphic function whose largest pole is ``−λ`` with order ``m``. For a monomial
+  ``K = ∏ w_i^(2 k_i)`` on ``[0, 1]^d`` it is ``∏ 1 / (2 k_i z + 1)``: :func:`zeta_of`, :func:`rlct_from_zeta`.
+  The Mellin transform of ``Z(n) = ∫ exp(−n K) φ`` is ``Γ(s) ζ(−s)``, so the residues of
+  ``Γ(s) ζ(−s) n^(−s)`` at the positive poles give the full asymptotic expansion of ``Z_n``
+  (:func:`evidence_expansion`); for ``K = a² b²`` that is ``(√π/4) n^(−1/2) (log n + γ + 2 log 2)``.
+* **Quadrature** (NumPy). For two-parameter models ``Z_n`` is a 2-D integral whose mass sits within
+  ``n^(−1/2)`` (or ``n^(−1/4)``) of the axes; Gauss–Legendre panels graded geometrically towards 0
+  resolve every scale at once (:func:`graded_nodes`, :func:`log_evidence`), to ~1e-12 relative error.
+* **Reduced-rank regression**: the closed-form RLCT of Aoyagi & Watanabe (2005) (:func:`rrr_rlct`).
+* **SGLD estimation of the local learning coefficient** (torch): the estimator of Lau et al. (2023),
+  ``λ̂(w*) = nβ (E_β[L_n(w)] − L_n(w*))`` with ``β = 1/log n``, the expectation taken over a posterior
+  tempered by ``β`` and localised around ``w*`` by a Gaussian of precision ``γ``, sampled by stochastic
+  gradient Langevin dynamics (:func:`sgld_llc`). Chains run in parallel as a leading batch dimension of
+  the parameter tensor, so a loss function maps ``[chains, d]`` parameters to ``[chains]`` losses.
+  For models with at most three parameters the same localised tempered expectation can be computed
+  exactly by quadrature (:func:`tempered_expectation`), which separates sampler error from the
+  finite-``n`` bias of the estimator itself. :func:`module_loss_fn` adapts any ``nn.Module`` (for
+  example a checkpoint of a transformer trained here) to the estimator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import sympy as sp
+import torch
+
+# ----------------------------------------------------------------------------------------------- symbolic
+
+Z_SYM = sp.Symbol("z")
+S_SYM = sp.Symbol("s", positive=True)
+N_SYM = sp.Symbol("n", positive=True)
+
+
+def zeta_of(K: sp.Expr, variables: Sequence[sp.Symbol], z: sp.Symbol = Z_SYM) -> sp.Expr:
+    """``ζ(z) = ∫_[0,1]^d K(w)^z dw`` computed by SymPy for ``Re z > 0`` (a rational function of ``z``
+    for monomial ``K``); the uniform prior on ``[−1, 1]^d`` of an even ``K`` gives the same integral."""
+    zp = sp.Symbol("zp", positive=True)
+    pos = {v: sp.Symbol(v.name, positive=True) for v in variables}
+    integrand = sp.powdenest(sp.expand_power_base(K.subs(pos) ** zp, force=True), force=True)
+    out = integrand
+    for v in pos.values():
+        out = sp.integrate(out, (v, 0, 1), conds="none")
+    return sp.simplify(out.subs(zp, z))
+
+
+def monomial_zeta(powers: Sequence[int], z: sp.Symbol = Z_SYM) -> sp.Expr:
+    """``ζ`` of ``K = ∏ w_i^(2 k_i)`` on ``[0, 1]^d`` with a uniform prior: ``∏ 1/(2 k_i z + 1)``."""
+    out = sp.Integer(1)
+    for k in powers:
+        out *= 1 / (2 * sp.Integer(k) * z + 1)
+    return out
+
+
+def regular_zeta(d: int | sp.Symbol, z: sp.Symbol = Z_SYM) -> sp.Expr:
+    """``ζ`` of ``K = |w|²`` on the unit ball of ``R^d`` (uniform prior, up to the ball's volume): in
+    polar coordinates ``∫_0^1 r^(2z) r^(d−1) dr = 1/(2z + d)``."""
+    r = sp.Symbol("r", positive=True)
+    zp = sp.Symbol("zp", positive=True)
+    return sp.simplify(sp.integrate(r ** (2 * zp) * r ** (d - 1), (r, 0, 1), conds="none").subs(zp, z))
+
+
+def poles(zeta: sp.Expr, z: sp.Symbol = Z_SYM) -> dict[sp.Expr, int]:
+    """Poles of a rational ``ζ(z)`` with their orders."""
+    num, den = sp.fraction(sp.together(sp.simplify(zeta)))
+    roots = sp.roots(sp.Poly(den, z))
+    return {r: k for r, k in roots.items() if sp.simplify(num.subs(z, r)) != 0}
+
+
+def rlct_from_zeta(zeta: sp.Expr, z: sp.Symbol = Z_SYM) -> tuple[sp.Expr, int]:
+    """``(λ, m)``: minus the largest pole of ``ζ`` and its order."""
+    p = poles(zeta, z)
+    top = max(p, key=lambda r: float(r))
+    return -top, p[top]
+
+
+def evidence_expansion(zeta: sp.Expr, z: sp.Symbol = Z_SYM, n: sp.Symbol = N_SYM) -> sp.Expr:
+    """Asymptotic expansion of ``Z(n) = ∫ exp(−n K) φ`` from the Mellin pair ``Γ(s) ζ(−s)``:
+    ``Z(n) ≈ −Σ Res_{s = s_j > 0} Γ(s) ζ(−s) n^(−s)`` over the poles ``s_j = −(poles of ζ)``."""
+    s = sp.Symbol("s")
+    f = sp.gamma(s) * zeta.subs(z, -s) * n ** (-s)
+    total = sp.Integer(0)
+    for pole in poles(zeta, z):
+        total += -sp.residue(f, s, -pole)
+    return sp.simplify(sp.expand(total))
+
+
+def rrr_rlct(M: int, N: int, H: int, r: int) -> tuple[float, int]:
+    """RLCT ``(λ, m)`` of reduced-rank regression ``y = B A x`` (``A: H×M``, ``B: N×H``) at a true
+    matrix of rank ``r ≤ H`` (Aoyagi & Watanabe 2005)."""
+    if not 0 <= r <= H:
+        raise ValueError("need 0 <= r <= H")
+    if N + r <= M + H and M + r <= N + H and H + r <= M + N:
+        val = 2 * (H + r) * (M + N) - (M - N) ** 2 - (H + r) ** 2
+        if (M + H + N + r) % 2 == 0:
+            return val / 8, 1
+        return (val + 1) / 8, 2
+    if M + H < N + r:
+        return (H * M - H * r + N * r) / 2, 1
+    if N + H < M + r:
+        return (H * N - H * r + M * r) / 2, 1
+    return M * N / 2, 1  # M + N < H + r
+
+
+# --------------------------------------------------------------------------------------------- quadrature
+
+def graded_nodes(lo_exp: float = -14.0, ratio: float = 2.0, order: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss–Legendre nodes and weights on ``[0, 1]`` in panels ``[ρ^(k+1), ρ^k]`` graded geometrically
+    towards 0 (down to ``10^lo_exp``, plus one panel ``[0, 10^lo_exp]``), so that an integrand varying
+    on any scale ``≥ 10^lo_exp`` near 0 is resolved. Returns ``x [N]``, ``w [N]``."""
+    g, gw = np.polynomial.legendre.leggauss(order)
+    edges = [1.0]
+    while edges[-1] > 10.0 ** lo_exp:
+        edges.append(edges[-1] / ratio)
+    edges.append(0.0)
+    xs, ws = [], []
+    for hi, lo in zip(edges[:-1], edges[1:]):
+        xs.append(lo + (hi - lo) * (g + 1) / 2)
+        ws.append(gw * (hi - lo) / 2)
+    return np.concatenate(xs), np.concatenate(ws)
+
+
+def symmetric_nodes(half_width: float = 1.0, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`graded_nodes` mirrored onto ``[−h, h]`` (graded towards 0 from both sides)."""
+    x, w = graded_nodes(**kw)
+    return np.concatenate([-x[::-1], x]) * half_width, np.concatenate([w[::-1], w]) * half_width
+
+
+def _logsumexp(v: np.ndarray, axis=None) -> np.ndarray:
+    m = np.max(v, axis=axis, keepdims=True)
+    return (m + np.log(np.sum(np.exp(v - m), axis=axis, keepdims=True))).squeeze(axis)
+
+
+def log_evidence(K: Callable[[np.ndarray, np.ndarray], np.ndarray], ns: Sequence[float],
+                 nodes: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``log Z_n = log ∫_[0,1]² exp(−n K(a, b)) da db`` for each ``n`` — the evidence of an even ``K``
+    under the uniform prior on ``[−1, 1]²``. Returns ``[len(ns)]``."""
+    x, w = nodes if nodes is not None else graded_nodes()
+    A, B = np.meshgrid(x, x, indexing="ij")  # [N, N]
+    kk = K(A, B)
+    logw = np.log(w)[:, None] + np.log(w)[None, :]
+    return np.array([_logsumexp(-n * kk + logw) for n in ns])
+
+
+def fit_free_energy(ns: np.ndarray, F: np.ndarray, loglog: bool | float = False,
+                    inv_log: bool = False) -> dict[str, float]:
+    """Least-squares fit of ``F_n`` against ``log n``.
+
+    ``loglog=False``: ``F = λ log n + c`` (the plain slope). ``loglog=True``: ``F = λ log n + μ log log n
+    + c`` with ``μ`` free (``μ = −(m − 1)`` in theory). A number: ``μ`` fixed to that value.
+    ``inv_log=True`` adds a ``d / log n`` column, the next term of ``log(log n + c₀)`` when the
+    ``log log n`` term carries a constant (it does for ``a² b²``: ``log(log n + γ + 2 log 2)``)."""
+    L = np.log(np.asarray(ns, dtype=float))
+    F = np.asarray(F, dtype=float)
+    cols, names, target = [L, np.ones_like(L)], ["lam", "c"], F.copy()
+    mu = 0.0
+    if loglog is True:
+        cols.append(np.log(L))
+        names.append("mu")
+    elif loglog is not False:
+        mu = float(loglog)
+        target = F - mu * np.log(L)
+    if inv_log:
+        cols.append(1 / L)
+        names.append("d")
+    coef, *_ = np.linalg.lstsq(np.stack(cols, 1), target, rcond=None)
+    out = {"mu": mu, "d": 0.0}
+    out.update({k: float(v) for k, v in zip(names, coef)})
+    return out
+
+
+def tempered_expectation(nL: Callable[..., np.ndarray], d: int, beta: float, gamma: float,
+                         half_width: float = 1.0, even: bool = False, **node_kw) -> float:
+    """Exact ``β E[nL(w)]`` under ``p(w) ∝ exp(−β nL(w) − γ|w|²/2)`` on ``[−h, h]^d`` (``d ≤ 3``,
+    centred at ``w* = 0``) by graded product quadrature, where ``nL(w) = n (L_n(w) − L_n(0))`` takes
+    one coordinate array per parameter. This is what :func:`sgld_llc` estimates for a model localised
+    at the origin, so comparing the two isolates the sampler's error. ``even=True``: ``nL`` is even in
+    every coordinate (a population loss), and the positive orthant suffices."""
+    if not 1 <= d <= 3:
+        raise ValueError("product quadrature is for d <= 3")
+    if even:
+        x, w = graded_nodes(**node_kw)
+        x, w = x * half_width, w * half_width
+    else:
+        x, w = symmetric_nodes(half_width, **node_kw)
+    grids = np.meshgrid(*([x] * d), indexing="ij")  # d arrays [N]*d
+    e = nL(*grids)
+    logp = -beta * e - gamma * sum(g ** 2 for g in grids) / 2
+    for axis in range(d):
+        shape = [1] * d
+        shape[axis] = -1
+        logp = logp + np.log(w).reshape(shape)
+    p = np.exp(logp - logp.max())
+    return float(beta * (p * e).sum() / p.sum())
+
+
+def gaussian_tempered_expectation(sxx: np.ndarray, w_hat: np.ndarray, w_star: np.ndarray, n: int,
+                                  beta: float, gamma: float) -> float:
+    """Closed form of the same target for linear regression (``L_n`` quadratic with Hessian ``sxx``
+    and minimiser ``w_hat``), localised at ``w_star``: the tempered posterior is Gaussian."""
+    P = n * beta * sxx + gamma * np.eye(len(w_hat))  # posterior precision [d, d]
+    mu = np.linalg.solve(P, n * beta * sxx @ w_hat + gamma * w_star)
+    cov = np.linalg.inv(P)
+
+    def excess(v: np.ndarray) -> float:  # L_n(v) - L_n(w_hat)
+        return 0.5 * float((v - w_hat) @ sxx @ (v - w_hat))
+
+    mean_excess = 0.5 * float(np.trace(sxx @ cov)) + excess(mu)
+    return n * beta * (mean_excess - excess(w_star))
+
+
+# ------------------------------------------------------------------------------------------ SGLD estimator
+
+LossFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class LLCResult:
+    llc: float                 # mean over chains
+    llc_chains: np.ndarray     # [chains] one estimate per chain
+    loss_trace: np.ndarray     # [chains, steps] L at every step (full batch or minibatch)
+    init_loss: float           # L_n(w*)
+    nbeta: float               # n β
+    accepted_steps: int        # steps after burn-in used in the estimate
+
+    @property
+    def spread(self) -> float:
+        """Standard deviation of the per-chain estimates."""
+        return float(self.llc_chains.std(ddof=1)) if len(self.llc_chains) > 1 else float("nan")
+
+
+def sgld_llc(loss_fn: LossFn, w_star: torch.Tensor, n: int, *, num_chains: int = 4, num_steps: int = 2000,
+             num_burnin: int = 500, step_size: float = 1e-4, gamma: float = 100.0, beta: float | None = None,
+             batch_size: int | None = None, seed: int = 0) -> LLCResult:
+    """Local learning coefficient at ``w_star`` by SGLD (Lau et al. 2023).
+
+    ``loss_fn(w, idx)`` returns the mean loss (negative log-likelihood per sample, up to a constant)
+    of each chain's parameters ``w [chains, d]`` on the samples ``idx`` (``None``: all ``n``), shape
+    ``[chains]``. Each step draws (when ``batch_size`` is set) one minibatch shared by the chains and
+    moves every chain by
+
+        Δw = −(ε/2) (nβ ∇L_m(w) + γ (w − w*)) + N(0, ε),
+
+    Langevin dynamics for ``exp(−nβ L_n(w) − γ|w − w*|²/2)``. The estimate is
+    ``nβ (mean of L over post-burn-in steps − L_n(w*))`` per chain.
+    """
+    if beta is None:
+        beta = 1.0 / math.log(n)
+    gen = torch.Generator().manual_seed(seed)
+    w0 = w_star.detach().reshape(1, -1).to(torch.float64)
+    d = w0.shape[1]
+    w = w0.repeat(num_chains, 1).clone()  # [chains, d]
+    nbeta = n * beta
+    with torch.no_grad():
+        init = float(loss_fn(w0, None)[0])
+    trace = np.empty((num_chains, num_steps))
+    for t in range(num_steps):
+        idx = None if batch_size is None else torch.randint(0, n, (batch_size,), generator=gen)
+        w.requires_grad_(True)
+        loss = loss_fn(w, idx)  # [chains]
+        (grad,) = torch.autograd.grad(loss.sum(), w)
+        with torch.no_grad():
+            noise = torch.randn(num_chains, d, generator=gen, dtype=w.dtype)
+            w = w - 0.5 * step_size * (nbeta * grad + gamma * (w - w0)) + math.sqrt(step_size) * noise
+        trace[:, t] = loss.detach().numpy()
+    used = trace[:, num_burnin:]
+    per_chain = nbeta * (used.mean(axis=1) - init)
+    return LLCResult(float(per_chain.mean()), per_chain, trace, init, nbeta, used.shape[1])
+
+
+def module_loss_fn(model: torch.nn.Module,
+                   batch_loss: Callable[[Callable[..., torch.Tensor], "torch.Tensor | None"], torch.Tensor]
+                   ) -> tuple[torch.Tensor, LossFn]:
+    """Adapt a ``torch.nn.Module`` to :func:`sgld_llc`: its parameters become one flat vector.
+
+    ``batch_loss(forward, idx)`` must return the mean loss (a scalar) of the model on the samples
+    ``idx`` (``None``: all), calling ``forward(*inputs)`` in place of ``model(*inputs)``; ``forward`` runs
+    the module with the parameters of one chain (``torch.func.functional_call``). Returns the current
+    parameters flattened, ``w* [d]`` (float64), and the loss function, which loops over chains.
+    """
+    named = [(k, v) for k, v in model.named_parameters()]
+    shapes = [v.shape for _, v in named]
+    sizes = [v.numel() for _, v in named]
+    dtype = named[0][1].dtype
+    w_star = torch.cat([v.detach().reshape(-1) for _, v in named]).to(torch.float64)
+
+    def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:  # w [chains, d] -> [chains]
+        out = []
+        for c in range(w.shape[0]):
+            pieces = torch.split(w[c].to(dtype), sizes)
+            params = {k: p.reshape(shape) for (k, _), p, shape in zip(named, pieces, shapes)}
+
+            def forward(*args: object, _params: dict = params, **kw: object) -> torch.Tensor:
+                return torch.func.functional_call(model, _params, args, kw)
+
+            out.append(batch_loss(forward, idx))
+        return torch.stack(out).to(w.dtype)
+
+    return w_star, loss
+
+
+# ------------------------------------------------------------------------------------- calibration models
+
+@dataclass
+class RegressionData:
+    """``y = f_{w0}(x) + N(0, 1)`` samples as float64 tensors: ``x [n, M]``, ``y [n, N]``."""
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+
+def _gaussian(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(n, dim, generator=gen, dtype=torch.float64)
+
+
+def linear_regression(d: int, n: int, seed: int) -> tuple[RegressionData, torch.Tensor, LossFn]:
+    """A regular model, ``y = w·x + ε`` with ``d`` parameters (``λ = d/2``). Returns the data, the
+    least-squares minimiser ``w*`` (where the LLC is measured) and the loss."""
+    gen = torch.Generator().manual_seed(seed)
+    w_true = _gaussian(1, d, gen)[0]
+    x = _gaussian(n, d, gen)
+    y = (x @ w_true)[:, None] + _gaussian(n, 1, gen)
+    data = RegressionData(x, y)
+    # normal equations (torch.linalg.lstsq is not bit-reproducible from run to run on CPU)
+    w_hat = torch.linalg.solve(x.T @ x, x.T @ y[:, 0])
+
+    sxx, sxy, syy = x.T @ x / n, x.T @ y[:, 0] / n, (y[:, 0] @ y[:, 0]) / n  # [d, d], [d], []
+
+    def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:  # w [chains, d] -> [chains]
+        if idx is None:  # full batch through sufficient statistics: the same mean, O(d²) per chain
+            return 0.5 * (syy - 2 * w @ sxy + ((w @ sxx) * w).sum(1))
+        pred = x[idx] @ w.T  # [batch, chains]
+        return 0.5 * ((y[idx] - pred) ** 2).mean(0)
+
+    return data, w_hat, loss
+
+
+def monomial_regression(powers: Sequence[int], n: int, seed: int) -> tuple[RegressionData, torch.Tensor, LossFn]:
+    """``y = x ∏ w_i^(p_i) + ε`` with truth ``w0 = 0``; ``K(w) = ∏ w_i^(2 p_i) / 2`` so that
+    ``λ = min_i 1/(2 p_i)`` with multiplicity the number of ``i`` attaining it."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _gaussian(n, 1, gen)
+    y = _gaussian(n, 1, gen)  # the truth is f = 0
+    p = torch.tensor(list(powers), dtype=torch.float64)
+
+    sxx, sxy, syy = (x[:, 0] @ x[:, 0]) / n, (x[:, 0] @ y[:, 0]) / n, (y[:, 0] @ y[:, 0]) / n
+
+    def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:  # w [chains, d] -> [chains]
+        g = torch.prod(w ** p, dim=1)  # [chains]
+        if idx is None:
+            return 0.5 * (syy - 2 * g * sxy + g ** 2 * sxx)
+        return 0.5 * ((y[idx] - x[idx] * g[None, :]) ** 2).mean(0)
+
+    return RegressionData(x, y), torch.zeros(len(powers), dtype=torch.float64), loss
+
+
+def monomial_rlct(powers: Sequence[int]) -> tuple[float, int]:
+    lam = min(1.0 / (2 * p) for p in powers)
+    return lam, sum(1 for p in powers if abs(1.0 / (2 * p) - lam) < 1e-12)
+
+
+def reduced_rank_regression(M: int, N: int, H: int, r: int, n: int, seed: int
+                            ) -> tuple[RegressionData, torch.Tensor, LossFn]:
+    """``y = B A x + ε`` (``A [H, M]``, ``B [N, H]``) with a true product of rank ``r``; ``w*`` is the
+    true factorisation (flattened ``A`` then ``B``), whose extra rows/columns are zero."""
+    gen = torch.Generator().manual_seed(seed)
+    A0 = torch.zeros(H, M, dtype=torch.float64)
+    B0 = torch.zeros(N, H, dtype=torch.float64)
+    if r:
+        A0[:r] = _gaussian(r, M, gen)
+        B0[:, :r] = _gaussian(N, r, gen)
+    x = _gaussian(n, M, gen)
+    y = x @ (B0 @ A0).T + _gaussian(n, N, gen)
+
+    sxx, syx, syy = x.T @ x / n, y.T @ x / n, torch.trace(y.T @ y) / n  # [M, M], [N, M], []
+
+    def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:  # w [chains, H*M + N*H] -> [chains]
+        A = w[:, : H * M].reshape(-1, H, M)
+        B = w[:, H * M:].reshape(-1, N, H)
+        W = B @ A  # [chains, N, M]
+        if idx is None:
+            return 0.5 * (syy - 2 * (W * syx).sum((1, 2)) + ((W @ sxx) * W).sum((1, 2)))
+        pred = torch.einsum("cnm,bm->cbn", W, x[idx])  # [chains, batch, N]
+        return 0.5 * ((y[idx][None] - pred) ** 2).sum(-1).mean(-1)
+
+    w_star = torch.cat([A0.reshape(-1), B0.reshape(-1)])
+    return RegressionData(x, y), w_star, loss

@@ -1,0 +1,267 @@
+"""Small models trained here from scratch (Part III), in plain torch, deterministic from a seed.
+
+* :class:`AttnOnlyTransformer` — an attention-only transformer (token and learned positional
+  embeddings, ``n_layers`` attention layers with ``n_heads`` heads writing into the residual stream, an
+  unembedding; no MLPs and, by default, no LayerNorm, so each head's circuits are plain matrix
+  products). :meth:`AttnOnlyTransformer.forward` can return every head's attention pattern
+  ``[batch, head, query, key]`` and output, and can zero- or mean-ablate chosen heads.
+* :class:`MarkovRepeatData` — the data on which induction pays: a sparse random Markov chain in which,
+  half of the time, the first ``L`` tokens are uniform random and are repeated right after themselves.
+* :func:`repeated_random_tokens` — the probe of the induction literature: random tokens, then the same
+  tokens again.
+* :func:`planted_induction_model` — a hand-built 2-layer model with a previous-token head in layer 0 and
+  an induction head in layer 1, used to test the head scores of :mod:`icl.heads`.
+* :func:`train` — AdamW on next-token loss with a callback every ``eval_every`` steps.
+
+Everything random takes an explicit :class:`torch.Generator`; with the same seed and thread count the
+same weights come out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttnOnlyConfig:
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    d_head: int = 16
+    vocab: int = 64
+    n_ctx: int = 64
+    init_std: float = 0.02
+
+
+class AttnOnlyTransformer(nn.Module):
+    """Attention-only transformer: ``resid = W_E[tok] + W_pos``; each layer adds its heads' outputs;
+    ``logits = resid @ W_U + b_U``. Weights are stored per head (``W_Q[layer]``: ``[head, d_model,
+    d_head]``) so that circuits such as ``W_E W_V W_O W_U`` are one product away."""
+
+    def __init__(self, cfg: AttnOnlyConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        L, H, d, dh = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
+
+        def p(*shape: int, std: float = cfg.init_std) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape, generator=generator) * std)
+
+        self.W_E = p(cfg.vocab, d)
+        self.W_pos = p(cfg.n_ctx, d)
+        self.W_Q = nn.ParameterList([p(H, d, dh) for _ in range(L)])
+        self.W_K = nn.ParameterList([p(H, d, dh) for _ in range(L)])
+        self.W_V = nn.ParameterList([p(H, d, dh) for _ in range(L)])
+        self.W_O = nn.ParameterList([p(H, dh, d) for _ in range(L)])
+        self.W_U = p(d, cfg.vocab)
+        self.b_U = nn.Parameter(torch.zeros(cfg.vocab))
+
+    def forward(self, tokens: torch.Tensor, *, return_cache: bool = False,
+                head_mask: torch.Tensor | None = None, head_mean: list[torch.Tensor] | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+        """Logits ``[batch, pos, vocab]``; with ``return_cache`` also ``{"pattern": [per layer
+        [batch, head, q, k]], "head_out": [per layer [batch, head, q, d_model]], "resid": [...]}``.
+
+        ``head_mask`` ``[n_layers, n_heads]`` scales each head's output (0 = zero ablation). Where
+        ``head_mean`` (per layer ``[head, q, d_model]``, e.g. from :meth:`head_means`) is given, an
+        ablated head's output is replaced by that mean instead of by zero (mean ablation).
+        """
+        B, T = tokens.shape
+        resid = self.W_E[tokens] + self.W_pos[:T]
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=tokens.device), diagonal=1)
+        scale = 1.0 / math.sqrt(self.cfg.d_head)
+        cache: dict[str, Any] = {"pattern": [], "head_out": [], "resid": [resid]}
+        for layer in range(self.cfg.n_layers):
+            q = torch.einsum("bpd,hde->bhpe", resid, self.W_Q[layer])
+            k = torch.einsum("bpd,hde->bhpe", resid, self.W_K[layer])
+            v = torch.einsum("bpd,hde->bhpe", resid, self.W_V[layer])
+            scores = torch.einsum("bhqe,bhke->bhqk", q, k) * scale
+            pattern = scores.masked_fill(mask, float("-inf")).softmax(-1)
+            z = torch.einsum("bhqk,bhke->bhqe", pattern, v)
+            out = torch.einsum("bhqe,hed->bhqd", z, self.W_O[layer])  # per-head output
+            if head_mask is not None:
+                m = head_mask[layer].to(out.dtype)[None, :, None, None]
+                if head_mean is not None:
+                    out = m * out + (1 - m) * head_mean[layer][None, :, :T]
+                else:
+                    out = m * out
+            resid = resid + out.sum(1)
+            if return_cache:
+                cache["pattern"].append(pattern)
+                cache["head_out"].append(out)
+                cache["resid"].append(resid)
+        logits = resid @ self.W_U + self.b_U
+        return (logits, cache) if return_cache else logits
+
+    @torch.no_grad()
+    def head_means(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Each head's output averaged over a reference batch: per layer ``[head, pos, d_model]``."""
+        _, cache = self(tokens, return_cache=True)
+        return [o.mean(0) for o in cache["head_out"]]
+
+    def ov_circuit(self, layer: int) -> torch.Tensor:
+        """Direct-path OV circuit of every head of ``layer``, ``W_E W_V W_O W_U``: ``[head, vocab, vocab]``
+        (entry ``[h, a, b]``: how attending to token ``a`` raises the logit of token ``b``)."""
+        return torch.einsum("ad,hde,hef,fb->hab", self.W_E, self.W_V[layer], self.W_O[layer], self.W_U)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``; ``reduction="none"`` gives
+    ``[batch, pos - 1]`` in nats (entry ``t`` is the loss of token ``t + 1``)."""
+    V = logits.shape[-1]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none")
+    loss = loss.view(tokens.shape[0], -1)
+    return loss.mean() if reduction == "mean" else loss
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class MarkovRepeatSpec:
+    vocab: int = 64
+    n_ctx: int = 64
+    n_successors: int = 4  # each token has this many possible successors (a sparse chain)
+    p_repeat: float = 0.5
+    min_len: int = 10  # the repeated segment has length L in [min_len, max_len)
+    max_len: int = 32
+
+
+class MarkovRepeatData:
+    """Sequences from a sparse random Markov chain; with probability ``p_repeat`` the first ``L`` tokens
+    are uniform random and are repeated right after themselves (positions ``L .. 2L-1``), and the
+    chain continues from there. Only an in-context mechanism can predict the repeated half: the random
+    tokens are not predictable from the bigram statistics that the chain teaches."""
+
+    def __init__(self, spec: MarkovRepeatSpec, seed: int) -> None:
+        self.spec = spec
+        g = torch.Generator().manual_seed(seed)
+        V, S = spec.vocab, spec.n_successors
+        succ = torch.stack([torch.randperm(V, generator=g)[:S] for _ in range(V)])  # [V, S]
+        w = -torch.log(torch.rand(V, S, generator=g))  # Dirichlet(1) weights
+        probs = torch.zeros(V, V)
+        probs.scatter_(1, succ, w / w.sum(1, keepdim=True))
+        self.transition = probs  # [V, V], rows sum to 1
+        self.cdf = probs.cumsum(1).contiguous()
+        self.bigram_entropy = float(-(probs.clamp_min(1e-30).log() * probs).sum(1).mean())
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``[batch, n_ctx]`` and the repeat length of each row (0: no repeat)."""
+        s = self.spec
+        V, T = s.vocab, s.n_ctx
+        repeat = torch.rand(batch, generator=generator) < s.p_repeat
+        lens = torch.randint(s.min_len, s.max_len, (batch,), generator=generator) * repeat
+        rand = torch.randint(V, (batch, T), generator=generator)
+        u = torch.rand(T, batch, 1, generator=generator)
+        toks = torch.empty(batch, T, dtype=torch.long)
+        toks[:, 0] = rand[:, 0]
+        for t in range(1, T):
+            chain = torch.searchsorted(self.cdf[toks[:, t - 1]], u[t])[:, 0].clamp_(max=V - 1)
+            copy = torch.gather(toks, 1, (t - lens).clamp(min=0)[:, None])[:, 0]
+            toks[:, t] = torch.where(t < lens, rand[:, t], torch.where(t < 2 * lens, copy, chain))
+        return toks, lens
+
+
+def repeated_random_tokens(batch: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """``[batch, 2 * length]``: ``length`` uniform random tokens followed by the same tokens again."""
+    first = torch.randint(vocab, (batch, length), generator=generator)
+    return torch.cat([first, first], dim=1)
+
+
+# ------------------------------------------------------------------------------------------ training
+def train(model: nn.Module, sample: Callable[[torch.Generator], torch.Tensor], *, steps: int, lr: float,
+          seed: int, weight_decay: float = 0.0, eval_every: int = 0,
+          on_eval: Callable[[int], None] | None = None, betas: tuple[float, float] = (0.9, 0.999),
+          progress: bool = False, desc: str = "train") -> list[float]:
+    """AdamW on next-token loss over batches from ``sample(generator)``; ``on_eval(step)`` runs at step 0
+    and every ``eval_every`` steps (and after the last). Returns the training loss of every step."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    losses = []
+    for step in tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0):
+        if on_eval is not None and eval_every and step % eval_every == 0:
+            model.eval()
+            on_eval(step)
+            model.train()
+        tokens = sample(g)
+        loss = next_token_loss(model(tokens), tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    if on_eval is not None and eval_every:
+        model.eval()
+        on_eval(steps)
+    return losses
+
+
+def state_arrays(model: nn.Module, prefix: str) -> dict[str, np.ndarray]:
+    """The model's state dict as float32 numpy arrays named ``prefix + name`` (for the result cache)."""
+    return {f"{prefix}{k}": v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+
+
+def load_state_arrays(model: nn.Module, arrays: dict[str, np.ndarray], prefix: str) -> nn.Module:
+    """Inverse of :func:`state_arrays`."""
+    state = {k[len(prefix):]: torch.from_numpy(np.asarray(v)) for k, v in arrays.items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    return model
+
+
+# ------------------------------------------------------------------------------- a planted model
+def planted_induction_model(vocab: int = 16, n_ctx: int = 32, n_heads: int = 2, sharpness: float = 30.0,
+                            seed: int = 0, noise: float = 0.3) -> AttnOnlyTransformer:
+    """A hand-built 2-layer attention-only model that does induction with two known heads.
+
+    The residual stream has four blocks: current token (one-hot, ``vocab``), previous token (``vocab``),
+    position (one-hot, ``n_ctx``) and an output block (``vocab``) that alone is read by the unembedding.
+
+    * layer 0, head 0 — a *previous-token head*: its query at position ``p`` matches the key of position
+      ``p - 1`` (positional QK); its OV copies that position's token into the previous-token block;
+    * layer 1, head 0 — an *induction head*: its query (the current token) matches keys whose
+      previous-token block holds the same token (K-composition with the head above), and its OV copies
+      the attended token into the output block, so the model predicts the token that followed the
+      earlier occurrence of the current token;
+    * every other head has small random weights (a distractor: diffuse attention, small output).
+    """
+    V, T = vocab, n_ctx
+    d = 3 * V + T
+    tok, prev, pos, out = slice(0, V), slice(V, 2 * V), slice(2 * V, 2 * V + T), slice(2 * V + T, d)
+    dh = max(V, T)
+    cfg = AttnOnlyConfig(n_layers=2, d_model=d, n_heads=n_heads, d_head=dh, vocab=V, n_ctx=T, init_std=0.0)
+    g = torch.Generator().manual_seed(seed)
+    model = AttnOnlyTransformer(cfg)
+    s = math.sqrt(dh) * sharpness  # undo the 1/sqrt(d_head) of the attention scores
+    with torch.no_grad():
+        for layer in range(2):  # distractors: small random weights everywhere first
+            for name in ("W_Q", "W_K", "W_V"):
+                getattr(model, name)[layer].copy_(torch.randn(n_heads, d, dh, generator=g) * noise / math.sqrt(d))
+            model.W_O[layer].copy_(torch.randn(n_heads, dh, d, generator=g) * noise / math.sqrt(dh))
+        model.W_E.zero_()
+        model.W_E[:, tok] = torch.eye(V)
+        model.W_pos.zero_()
+        model.W_pos[:, pos] = torch.eye(T)
+        # layer 0 head 0: query at p -> key at p - 1, copy token into the previous-token block
+        for name in ("W_Q", "W_K", "W_V", "W_O"):
+            getattr(model, name)[0][0].zero_()
+            getattr(model, name)[1][0].zero_()
+        model.W_Q[0][0][pos, :T] = torch.eye(T) * s
+        model.W_K[0][0][pos, :T] = torch.diag(torch.ones(T - 1), 1)  # key at p' lands on slot p' + 1
+        model.W_V[0][0][tok, :V] = torch.eye(V)
+        model.W_O[0][0][:V, prev] = torch.eye(V)
+        # layer 1 head 0: query = current token, key = previous-token block; copy the key's token to out
+        model.W_Q[1][0][tok, :V] = torch.eye(V) * s
+        model.W_K[1][0][prev, :V] = torch.eye(V)
+        model.W_V[1][0][tok, :V] = torch.eye(V)
+        model.W_O[1][0][:V, out] = torch.eye(V)
+        model.W_U.zero_()
+        model.W_U[out, :] = torch.eye(V) * sharpness
+    return model

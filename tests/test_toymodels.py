@@ -1,0 +1,77 @@
+"""The attention-only toy transformer and its data (icl.toymodels)."""
+
+import numpy as np
+import pytest
+import torch
+
+from icl import toymodels as tm
+
+
+def test_markov_repeat_data_structure_and_determinism():
+    spec = tm.MarkovRepeatSpec(vocab=32, n_ctx=64)
+    data = tm.MarkovRepeatData(spec, seed=3)
+    assert torch.allclose(data.transition.sum(1), torch.ones(32))
+    assert ((data.transition > 0).sum(1) == spec.n_successors).all()
+    toks, lens = data.sample(256, torch.Generator().manual_seed(0))
+    again, lens2 = data.sample(256, torch.Generator().manual_seed(0))
+    assert torch.equal(toks, again) and torch.equal(lens, lens2)
+    assert 0.35 < (lens > 0).float().mean() < 0.65
+    assert ((lens == 0) | ((lens >= spec.min_len) & (lens < spec.max_len))).all()
+    for row, L in zip(toks, lens.tolist()):
+        if L:
+            assert torch.equal(row[:L], row[L:2 * L])
+        # after the repeat (or from the start) every transition is one the chain allows
+        for t in range(max(2 * L, 1), spec.n_ctx):
+            assert data.transition[row[t - 1], row[t]] > 0
+
+
+def test_model_shapes_cache_and_ablation():
+    cfg = tm.AttnOnlyConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, vocab=16, n_ctx=20)
+    model = tm.AttnOnlyTransformer(cfg, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(16, (3, 20), generator=torch.Generator().manual_seed(1))
+    logits, cache = model(x, return_cache=True)
+    assert logits.shape == (3, 20, 16)
+    assert len(cache["pattern"]) == 2 and cache["pattern"][0].shape == (3, 4, 20, 20)
+    assert torch.allclose(cache["pattern"][1].sum(-1), torch.ones(3, 4, 20))
+    assert torch.all(cache["pattern"][0].triu(1) == 0)  # causal
+    # the residual stream is the sum of the embeddings and every head's output
+    resid = cache["resid"][0] + sum(o.sum(1) for o in cache["head_out"])
+    assert torch.allclose(resid @ model.W_U + model.b_U, logits, atol=1e-5)
+    # ablating every head leaves the direct path; a mask of ones changes nothing
+    ones = model(x, head_mask=torch.ones(2, 4))
+    assert torch.allclose(ones, logits)
+    none = model(x, head_mask=torch.zeros(2, 4))
+    direct = (model.W_E[x] + model.W_pos[:20]) @ model.W_U + model.b_U
+    assert torch.allclose(none, direct, atol=1e-6)
+    # mean ablation with the head's own mean on a one-sequence batch reproduces that sequence
+    means = model.head_means(x[:1])
+    assert torch.allclose(model(x[:1], head_mask=torch.zeros(2, 4), head_mean=means), logits[:1], atol=1e-5)
+
+
+def test_state_round_trip():
+    cfg = tm.AttnOnlyConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, vocab=8, n_ctx=8)
+    a = tm.AttnOnlyTransformer(cfg, generator=torch.Generator().manual_seed(0))
+    arrays = tm.state_arrays(a, "m.")
+    b = tm.load_state_arrays(tm.AttnOnlyTransformer(cfg), arrays, "m.")
+    x = torch.randint(8, (2, 8))
+    assert torch.equal(a(x), b(x))
+    assert all(v.dtype == np.float32 for v in arrays.values())
+
+
+def test_training_is_deterministic_and_learns_bigrams():
+    torch.set_num_threads(1)
+    data = tm.MarkovRepeatData(tm.MarkovRepeatSpec(vocab=16, n_ctx=16, p_repeat=0.0), seed=0)
+    cfg = tm.AttnOnlyConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, vocab=16, n_ctx=16)
+    runs = []
+    for _ in range(2):
+        model = tm.AttnOnlyTransformer(cfg, generator=torch.Generator().manual_seed(0))
+        losses = tm.train(model, lambda g: data.sample(32, g)[0], steps=150, lr=1e-2, seed=0)
+        runs.append((losses, model))
+    assert runs[0][0] == runs[1][0]
+    # a chain with 4 successors per token: the loss falls from log 16 towards the bigram entropy
+    assert runs[0][0][0] > 2.5 and np.mean(runs[0][0][-20:]) < data.bigram_entropy + 0.4
+
+
+def test_repeated_random_tokens():
+    x = tm.repeated_random_tokens(4, 7, 10, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 14) and torch.equal(x[:, :7], x[:, 7:])
