@@ -75,7 +75,8 @@ def ci(values: Sequence[float], digits: int = 2, unit: str = "") -> str:
     """``[mean, low, high]`` as ``"4.49 nats (95% CI 4.21–4.80)"``."""
     mean, low, high = values
     u = f" {unit}" if unit else ""
-    return f"{mean:.{digits}f}{u} (95% CI {low:.{digits}f}–{high:.{digits}f})"
+    sep = "–" if low >= 0 else " to "  # an en dash next to a minus sign reads badly
+    return f"{mean:.{digits}f}{u} (95% CI {low:.{digits}f}{sep}{high:.{digits}f})"
 
 
 def num(value: float, digits: int = 2) -> str:
