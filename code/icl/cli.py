@@ -113,10 +113,10 @@ def cmd_cache(action: str) -> int:
             entry = cache.read(path)
             state = "ok" if entry.key in current else "stale (no current experiment/config produces this key)"
             model = (entry.key_inputs.get("model") or {}).get("id", "-")
-            rows.append(f"{entry.experiment:<12} {path.name}  {model:<14} {state}")
+            rows.append(f"{entry.experiment:<20} {path.name}  {model:<14} {state}")
         except CacheCorruptError as exc:
             bad += 1
-            rows.append(f"{path.parent.name:<12} {path.name}  CORRUPT: {exc}")
+            rows.append(f"{path.parent.name:<20} {path.name}  CORRUPT: {exc}")
     missing = [f"{name} (key {key[:16]})" for key, name in current.items()
                if not cache.path_for(name, key).exists()]
     for row in rows:
