@@ -104,3 +104,106 @@ def answer_logprobs(model: TinyGPT, tokens: torch.Tensor) -> torch.Tensor:
 def kl_per_example(exact_logp: torch.Tensor, model_logp: torch.Tensor) -> torch.Tensor:
     """KL(exact || model) for each sequence and example: [batch, k] (nats)."""
     return (exact_logp.exp() * (exact_logp - model_logp)).sum(-1)
+
+
+# ------------------------------------------------------------------ fine-tuning on a context (chapter 8)
+#
+# A TinyGPT reads a context-free query ``x`` at position 0, and causal attention at position 0 has one
+# key, its own, with weight 1. The prediction there is therefore a plain MLP-like function of ``x``:
+# embedding + pos[0], then per layer ``h + W_O (W_V LN1(h) + b_V) + b_O`` and the MLP, final LayerNorm
+# and unembedding. Queries and keys do not enter, so their gradient is exactly zero. This lets us
+# fine-tune thousands of copies of the model at once on pairs fed alone ("x_j y_j" at positions 0-1),
+# with their weights stacked along a leading copy axis, and read the fine-tuned no-context prediction
+# with the same function. Fine-tuning *all* parameters gives the same result: the others get no gradient
+# (zero update for SGD and for Adam alike) and do not affect this prediction.
+
+def position0_params(net: TinyGPT) -> dict[str, torch.Tensor]:
+    """Detached copies of every parameter (or slice) that the prediction at position 0 depends on."""
+    d = net.embed.embedding_dim
+    out = {"embed": net.embed.weight, "pos0": net.pos[0]}
+    for i, layer in enumerate(net.blocks.layers):
+        attn = layer.self_attn
+        out |= {
+            f"{i}.ln1.w": layer.norm1.weight, f"{i}.ln1.b": layer.norm1.bias,
+            f"{i}.v.w": attn.in_proj_weight[2 * d:], f"{i}.v.b": attn.in_proj_bias[2 * d:],
+            f"{i}.o.w": attn.out_proj.weight, f"{i}.o.b": attn.out_proj.bias,
+            f"{i}.ln2.w": layer.norm2.weight, f"{i}.ln2.b": layer.norm2.bias,
+            f"{i}.fc1.w": layer.linear1.weight, f"{i}.fc1.b": layer.linear1.bias,
+            f"{i}.fc2.w": layer.linear2.weight, f"{i}.fc2.b": layer.linear2.bias,
+        }
+    out |= {"ln.w": net.ln.weight, "ln.b": net.ln.bias, "unembed.w": net.unembed.weight,
+            "unembed.b": net.unembed.bias}
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _ln(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(h, h.shape[-1:], eps=eps) * w[:, None] + b[:, None]
+
+
+def _lin(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.baddbmm(b[:, None], h, w.transpose(1, 2))
+
+
+def position0_logits(stacked: dict[str, torch.Tensor], x: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """Logits at position 0 of ``N`` stacked copies (every tensor of :func:`position0_params` with a
+    leading axis ``N``) for the tokens ``x`` [N, m] read alone: [N, m, vocab]."""
+    N = x.shape[0]
+    h = stacked["embed"][torch.arange(N)[:, None], x] + stacked["pos0"][:, None]  # [N, m, d]
+    for i in range(n_layers):
+        a = _ln(h, stacked[f"{i}.ln1.w"], stacked[f"{i}.ln1.b"])
+        h = h + _lin(_lin(a, stacked[f"{i}.v.w"], stacked[f"{i}.v.b"]), stacked[f"{i}.o.w"], stacked[f"{i}.o.b"])
+        a = _ln(h, stacked[f"{i}.ln2.w"], stacked[f"{i}.ln2.b"])
+        a = torch.nn.functional.gelu(_lin(a, stacked[f"{i}.fc1.w"], stacked[f"{i}.fc1.b"]))
+        h = h + _lin(a, stacked[f"{i}.fc2.w"], stacked[f"{i}.fc2.b"])
+    return _lin(_ln(h, stacked["ln.w"], stacked["ln.b"]), stacked["unembed.w"], stacked["unembed.b"])
+
+
+def finetune_on_pairs(net: TinyGPT, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                      queries: torch.Tensor, lrs: torch.Tensor, steps: int, record: list[int],
+                      optimizer: str = "adam", betas: tuple[float, float] = (0.9, 0.999),
+                      eps: float = 1e-8) -> tuple[dict[int, torch.Tensor], ...]:
+    """Fine-tune ``N`` independent copies of ``net`` on context pairs fed alone, full batch.
+
+    Copy ``n`` minimises ``mean_i CE(y[n, i] | x[n, i])`` over the pairs with ``mask[n, i] = 1``
+    (``x``, ``mask``: [N, k]; ``y``: answer tokens [N, k], or target distributions [N, k, vocab] for
+    a soft cross-entropy), with step size ``lrs[n]``, by plain gradient descent (``optimizer="sgd"``)
+    or Adam (PyTorch's update rule, no weight decay). Returns, for every step count in ``record``
+    (``0`` is the model before any update), the no-context log-probabilities for ``queries`` [N, m]:
+    [N, m, vocab] (float64), each copy's training loss at that point ([N]), and the size of its
+    weight change ``||Δw||`` over all the parameters it moved ([N]).
+    """
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', not {optimizer!r}")
+    N = x.shape[0]
+    n_layers = len(net.blocks.layers)
+    stacked = {k: v[None].repeat(N, *[1] * v.ndim).requires_grad_(True) for k, v in position0_params(net).items()}
+    m1 = {k: torch.zeros_like(v) for k, v in stacked.items()} if optimizer == "adam" else {}
+    m2 = {k: torch.zeros_like(v) for k, v in stacked.items()} if optimizer == "adam" else {}
+    w = mask / mask.sum(1, keepdim=True)  # [N, k]
+    start = {k: v.detach().clone() for k, v in stacked.items()}
+    out, losses, moved = {}, {}, {}
+    for step in range(0, steps + 1):
+        logp = torch.log_softmax(position0_logits(stacked, x, n_layers), -1)  # [N, k, vocab]
+        ce = -logp.gather(-1, y[..., None])[..., 0] if y.dtype == torch.long else -(y * logp).sum(-1)
+        per_copy = (ce * w).sum(1)  # [N]
+        if step in record:
+            losses[step] = per_copy.detach().clone()
+            moved[step] = torch.stack([(v.detach() - start[k]).flatten(1).pow(2).sum(1)
+                                       for k, v in stacked.items()]).sum(0).sqrt()
+            with torch.no_grad():
+                out[step] = torch.log_softmax(position0_logits(stacked, queries, n_layers).double(), -1)
+        if step == steps:
+            break
+        grads = torch.autograd.grad(per_copy.sum(), list(stacked.values()))
+        with torch.no_grad():
+            for (name, p), g in zip(stacked.items(), grads):
+                lr = lrs.view(N, *[1] * (p.ndim - 1)).to(p.dtype)
+                if optimizer == "sgd":
+                    p -= lr * g
+                    continue
+                t = step + 1
+                m1[name].mul_(betas[0]).add_(g, alpha=1 - betas[0])
+                m2[name].mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+                denom = (m2[name] / (1 - betas[1] ** t)).sqrt_().add_(eps)
+                p -= (lr / (1 - betas[0] ** t)) * m1[name] / denom
+    return out, losses, moved

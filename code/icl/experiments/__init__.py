@@ -37,8 +37,11 @@ REGISTRY: dict[str, str] = {
     "phase_change": "icl.experiments.phase_change",
     "icl_regression": "icl.experiments.icl_regression",
     "contexts_to_weights": "icl.experiments.contexts_to_weights",
+    "c2w_toy": "icl.experiments.c2w_toy",
+    "c2w_pretrained": "icl.experiments.c2w_pretrained",
     "slt_free_energy": "icl.experiments.slt_free_energy",
     "slt_llc": "icl.experiments.slt_llc",
+    "llc_phase_change": "icl.experiments.llc_phase_change",
 }
 
 

@@ -91,7 +91,27 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
         torch.set_num_threads(threads)
 
 
-def _train(params: Params, progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+@dataclass
+class Trained:
+    """A trained model and what it was scored on: everything :func:`train` produces."""
+
+    net: TinyGPT
+    eval_tokens: torch.Tensor  # [n_eval, 2k]
+    exact: torch.Tensor  # [n_eval, k, vocab] exact posterior predictive (log-probabilities)
+    prior: torch.Tensor  # [n_eval, k, vocab] prior predictive (log-probabilities)
+    steps: list[int]
+    kl_curve: list[np.ndarray]  # per evaluation: mean KL per example index [k]
+    ce_curve: list[np.ndarray]
+    train_loss: list[float]
+    seconds: float
+
+
+def train(params: Params, progress: bool = False) -> Trained:
+    """Train the model of this experiment from the seed, exactly as :func:`compute` does.
+
+    Deterministic for a fixed thread count (the caller sets it; :func:`compute` uses ``THREADS``), so
+    other experiments can retrain the same weights instead of storing them in the cache.
+    """
     family = params.family
     torch.manual_seed(params.seed)
     eval_gen = torch.Generator().manual_seed(10_000 + params.seed)
@@ -117,7 +137,13 @@ def _train(params: Params, progress: bool) -> tuple[dict[str, np.ndarray], dict[
             ce_curve.append(ev["model_ce"].mean(0).numpy())
             train_loss.append(float(np.mean(running)))
             running = []
-    seconds = time.time() - start
+    return Trained(net, eval_tokens, exact, prior, steps, kl_curve, ce_curve, train_loss, time.time() - start)
+
+
+def _train(params: Params, progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    t = train(params, progress)
+    family, net, eval_tokens, exact, prior = params.family, t.net, t.eval_tokens, t.exact, t.prior
+    steps, kl_curve, ce_curve, train_loss, seconds = t.steps, t.kl_curve, t.ce_curve, t.train_loss, t.seconds
     ev = evaluate(net, eval_tokens, exact)
     kl_prior = kl_per_example(exact, prior)
     kl_mean, kl_lo, kl_hi = bootstrap_mean_ci(ev["kl"].numpy(), seed=params.seed)

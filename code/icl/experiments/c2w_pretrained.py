@@ -1,0 +1,234 @@
+"""Contexts to weights on the pretrained model (chapter 8): Q1 for SmolLM2 on a rule it learns in context.
+
+For a task the model learns in context (default ``plus-1``, ``y = x + 1``), ``n_contexts`` prompts of
+``max(k) + n_query`` examples are drawn (:func:`icl.tasks.make_prompts`); the first ``k`` lines are the
+context and the last ``n_query`` examples, whose ``x`` differ from the context's, are the held-out
+queries. For every context and query we compare
+
+* the in-context prediction: the model reads the ``k`` lines and then ``"(x, "``;
+* the prediction after fine-tuning: the Hugging Face model under the bridge takes ``n`` optimizer steps
+  (Adam or plain SGD, all parameters, fp32) on the language-model loss of the ``k`` context lines, each
+  fed as its own sequence (``loss="line"``: every token after the first; ``"answer"``: the answer
+  only), and then reads ``"(x, "`` alone. Its weights are restored before the next run and at the end
+  (:func:`icl.finetune.restoring`), and the no-context scores are recomputed afterwards to check that
+  the shared model is unchanged.
+
+Measured on the query's answer (digits and ``")"``): the probability of the whole correct answer
+(teacher-forced), whether greedy decoding writes it, and the KL divergence over the answer's first token
+``KL(in-context || fine-tuned)``, with the no-context prediction before any step as the baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from icl import finetune as ft
+from icl import scoring, tasks
+
+NAME = "c2w_pretrained"
+VERSION = 1
+CHAPTER = "report/08-contexts-to-weights.qmd"
+USES_MODEL = True
+DESCRIPTION = "pretrained model: in-context prediction vs fine-tuning on the context lines (Q1)"
+THREADS = 1
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    task: str = "plus-1"
+    ks: tuple[str, ...] = ("2", "5")
+    lrs: tuple[str, ...] = ("1e-05", "3e-05", "0.0001")
+    optimizer: str = "adam"
+    steps: int = 10
+    record: tuple[str, ...] = ("1", "2", "3", "5", "10")
+    n_contexts: int = 6
+    n_query: int = 12
+    loss: str = "line"
+
+    def validate(self) -> None:
+        task = tasks.get_task(self.task)
+        if task.random_rule:
+            raise ValueError("Q1 needs a rule the model can learn; the random rule has none")
+        if not all(int(k) >= 1 for k in self.ks) or self.n_query < 1 or self.n_contexts < 2:
+            raise ValueError("need every k >= 1, n_query >= 1 and n_contexts >= 2")
+        if not all(0 < int(n) <= self.steps for n in self.record):
+            raise ValueError("record steps must be in 1..steps")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError("optimizer must be adam or sgd")
+        if self.loss not in ("line", "answer"):
+            raise ValueError("loss must be 'line' (every token after the first) or 'answer'")
+        [float(x) for x in self.lrs]
+
+
+def prompts_for(p: Params) -> list[tasks.Prompt]:
+    """One prompt per context: its first ``max(k)`` examples are the context, the rest the queries."""
+    return tasks.make_prompts(p.task, p.n_contexts, max(int(k) for k in p.ks) + p.n_query, p.seed)
+
+
+def content_digest(p: Params) -> str:
+    h = hashlib.sha256(repr(tasks.get_task(p.task)).encode())
+    h.update(tasks.prompts_digest(prompts_for(p)).encode())
+    return h.hexdigest()
+
+
+def example_prompt(task: str, xs: list[int], ys: list[int]) -> tasks.Prompt:
+    """The prompt of the given examples, laid out exactly as :func:`icl.tasks.make_prompts` does."""
+    text, lines, answers = "", [], []
+    for x, y in zip(xs, ys):
+        line, offset = tasks.format_example(x, y)
+        start = len(text)
+        lines.append((start, start + len(line)))
+        answers.append((start + offset, start + len(line) - 1))
+        text += line
+    return tasks.Prompt(task, tuple(xs), tuple(ys), text, tuple(lines), tuple(answers))
+
+
+def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    params.validate()
+    if model.dtype != "float32":
+        raise ValueError(f"fine-tuning here is done in float32; the model is loaded in {model.dtype}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        return _compute(params, model, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    hf = loaded.bridge.original_model  # the Hugging Face model the bridge wraps (same parameters)
+    tok = loaded.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    ks, lrs, record = [int(k) for k in p.ks], [float(x) for x in p.lrs], [int(n) for n in p.record]
+    K, C, m = max(ks), p.n_contexts, p.n_query
+    prompts = prompts_for(p)
+
+    def query_seqs(c: int, k: int) -> tuple[list[list[int]], list[tuple[int, ...]]]:
+        """Context c's first k lines (k may be 0) followed by each query line: ids and answer tokens."""
+        pr, seqs, answers = prompts[c], [], []
+        for q in range(K, K + m):
+            enc = scoring.encode(tok, example_prompt(p.task, [*pr.xs[:k], pr.xs[q]], [*pr.ys[:k], pr.ys[q]]))
+            seqs.append(enc.ids)
+            answers.append(enc.answer_tokens[-1])
+        return seqs, answers
+
+    def train_batch(c: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context c's first k lines, each its own sequence, and the target tokens of the loss."""
+        encs = [scoring.encode(tok, example_prompt(p.task, [x], [y]))
+                for x, y in zip(prompts[c].xs[:k], prompts[c].ys[:k])]
+        ids = ft.pad([e.ids for e in encs], pad_id)
+        targets = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, e in enumerate(encs):
+            chosen = e.line_tokens[0] if p.loss == "line" else e.answer_tokens[0]
+            targets[row, list(chosen)] = True
+        return ids, targets
+
+    nK, nL, nR = len(ks), len(lrs), len(record)
+    start = time.time()
+    hf.eval()
+    # before any update: with no context and with each k
+    base = [ft.score_answers(hf, *query_seqs(c, 0), pad_id) for c in range(C)]
+    icl = [[ft.score_answers(hf, *query_seqs(c, k), pad_id) for c in range(C)] for k in ks]
+    icl_seconds = time.time() - start
+
+    icl_logp = np.array([[s.logp.numpy() for s in row] for row in icl])  # [k, C, m]
+    icl_exact = np.array([[s.exact.numpy() for s in row] for row in icl])
+    base_logp = np.array([s.logp.numpy() for s in base])  # [C, m]
+    base_exact = np.array([s.exact.numpy() for s in base])
+    gap0 = np.array([[ft.kl(icl[a][c].first, base[c].first).numpy() for c in range(C)] for a in range(nK)])
+    ft_logp = np.full((nK, nL, nR, C, m), np.nan)
+    ft_exact = np.zeros((nK, nL, nR, C, m), dtype=bool)
+    gap = np.full((nK, nL, nR, C, m), np.nan)  # KL(in-context || fine-tuned), first answer token
+    ft_base = np.full((nK, nL, nR, C, m), np.nan)  # KL(fine-tuned || no-context): how far it moved
+    train_loss = np.full((nK, nL, nR + 1, C), np.nan)  # loss on the context lines after 0, record... steps
+
+    start = time.time()
+    runs = [(a, b, c) for a in range(nK) for b in range(nL) for c in range(C)]
+    loss_slot = {0: 0} | {n: r + 1 for r, n in enumerate(record)}
+    with ft.restoring(hf) as snapshot:
+        for p_ in hf.parameters():
+            p_.requires_grad_(True)
+        for a, b, c in tqdm(runs, desc=NAME, disable=not progress, leave=False):
+            ft.restore(hf, snapshot)
+            ids, targets = train_batch(c, ks[a])
+            seqs, answers = query_seqs(c, 0)
+            opt = (torch.optim.Adam(hf.parameters(), lr=lrs[b]) if p.optimizer == "adam"
+                   else torch.optim.SGD(hf.parameters(), lr=lrs[b]))
+            for step in range(1, p.steps + 1):
+                loss = ft.lm_loss(hf, ids, targets)
+                if step - 1 in loss_slot:  # the loss after step - 1 updates
+                    train_loss[a, b, loss_slot[step - 1], c] = loss.item()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if step in record:
+                    r = record.index(step)
+                    if step == p.steps:
+                        with torch.no_grad():
+                            train_loss[a, b, r + 1, c] = ft.lm_loss(hf, ids, targets).item()
+                    s = ft.score_answers(hf, seqs, answers, pad_id)
+                    ft_logp[a, b, r, c] = s.logp.numpy()
+                    ft_exact[a, b, r, c] = s.exact.numpy()
+                    gap[a, b, r, c] = ft.kl(icl[a][c].first, s.first).numpy()
+                    ft_base[a, b, r, c] = ft.kl(s.first, base[c].first).numpy()
+            del opt
+    finetune_seconds = time.time() - start
+    # the shared model must be exactly as it was: recompute the no-context scores and compare
+    after = [ft.score_answers(hf, *query_seqs(c, 0), pad_id) for c in range(C)]
+    unchanged = all(torch.equal(x.first, y.first) and torch.equal(x.logp, y.logp) for x, y in zip(base, after))
+    if not unchanged:
+        raise RuntimeError("the model's weights were not restored after fine-tuning")
+
+    arrays = {
+        "ks": np.asarray(ks), "lrs": np.asarray(lrs), "record": np.asarray(record),
+        "icl_logp": icl_logp.astype(np.float32), "icl_exact": icl_exact,
+        "no_context_logp": base_logp.astype(np.float32), "no_context_exact": base_exact,
+        "gap_no_update": gap0.astype(np.float32),
+        "finetune_logp": ft_logp.astype(np.float32), "finetune_exact": ft_exact,
+        "gap": gap.astype(np.float32), "finetune_moved": ft_base.astype(np.float32),
+        "train_loss": train_loss.astype(np.float32),
+        # means over contexts and queries
+        "mean.icl_p": np.exp(icl_logp).mean(axis=(-1, -2)),
+        "mean.no_context_p": np.asarray(np.exp(base_logp).mean()),
+        "mean.finetune_p": np.exp(ft_logp).mean(axis=(-1, -2)),
+        "mean.icl_exact": icl_exact.mean(axis=(-1, -2)), "mean.finetune_exact": ft_exact.mean(axis=(-1, -2)),
+        "mean.gap": gap.mean(axis=(-1, -2)), "mean.gap_no_update": gap0.mean(axis=(-1, -2)),
+    }
+    best = {}
+    for a, k in enumerate(ks):
+        g = np.where(np.isfinite(arrays["mean.gap"][a]), arrays["mean.gap"][a], np.inf)
+        b, r = np.unravel_index(np.argmin(g), g.shape)
+        pf = arrays["mean.finetune_p"][a]
+        b2, r2 = np.unravel_index(np.nanargmax(pf), pf.shape)
+        best[str(k)] = {
+            "lr": lrs[b], "steps": record[r], "gap": float(arrays["mean.gap"][a, b, r]),
+            "gap_no_update": float(arrays["mean.gap_no_update"][a]),
+            "finetune_p": float(pf[b, r]), "icl_p": float(arrays["mean.icl_p"][a]),
+            "best_p": {"lr": lrs[b2], "steps": record[r2], "finetune_p": float(pf[b2, r2]),
+                       "finetune_exact": float(arrays["mean.finetune_exact"][a, b2, r2]),
+                       "gap": float(arrays["mean.gap"][a, b2, r2])},
+        }
+    data = {
+        "model": loaded.spec.name,
+        "task": p.task,
+        "rule": tasks.get_task(p.task).rule,
+        "icl_seconds": round(icl_seconds, 1),
+        "finetune_seconds": round(finetune_seconds, 1),
+        "seconds_per_step": round(finetune_seconds / (len(runs) * p.steps), 3),
+        "n_params": int(sum(q.numel() for q in hf.parameters())),
+        "weights_restored": unchanged,
+        "best": best,
+        "threads": THREADS,
+        "example_context": prompts[0].text[: prompts[0].line_spans[K - 1][1]],
+        "params": json.loads(json.dumps(asdict(p))),
+    }
+    return arrays, data

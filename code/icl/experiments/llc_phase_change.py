@@ -1,0 +1,252 @@
+"""The local learning coefficient over training of the phase-change model (chapter 9, after chapter 7).
+
+The ``phase_change`` experiment trains a 2-layer attention-only transformer whose induction heads form
+abruptly (around step 6,100 of 8,000 at the default settings) but keeps only its final weights. This
+experiment re-runs exactly that training — the same function, :func:`icl.experiments.phase_change._train_one`,
+with the same parameters and seeds — and copies the weights at chosen steps through its
+``on_checkpoint`` hook, which does not touch the training generator. Because the run is deterministic
+on one thread, the rerun's curves and final weights are compared bit for bit with the cached
+``phase_change`` result (``DEPENDS``), and the comparison is stored.
+
+At each checkpoint ``w*`` the local learning coefficient is estimated with :func:`icl.slt.sgld_llc`
+(Lau et al. 2023): ``λ̂(w*) = nβ (E[L_n(w)] − L_n(w*))`` under the posterior tempered by ``β = 1/log n``
+and localised by a Gaussian of precision ``γ`` around ``w*``. Choices, all in :class:`Params`:
+
+* a *sample* is one sequence of ``n_ctx`` tokens from the training distribution; ``L_n`` is the mean
+  over ``n`` fixed sequences of the sequence's negative log-likelihood (the sum over its ``n_ctx − 1``
+  next-token losses), the same ``n`` sequences for every checkpoint;
+* SGLD uses minibatches of ``batch_size`` sequences; in the estimate each step records
+  ``L_m(w) − L_m(w*)`` on its own minibatch (a control variate: its mean over minibatches is
+  ``L_n(w) − L_n(w*)``, its variance far smaller than that of ``L_m(w) − L_n(w*)``). The gradient,
+  and so the chain, are those of plain SGLD;
+* every checkpoint uses the same SGLD seed (the same minibatches and noise), so differences between
+  checkpoints are not blurred by independent sampling noise; the spread is over ``num_chains`` chains;
+* the norm of the full-sample gradient at each checkpoint is stored beside the estimate, since a
+  large gradient lets the chains find lower loss than ``w*`` and drags the estimate down.
+
+Intuition. ``λ̂`` counts, roughly, how many directions around ``w*`` the loss curves upward in,
+relative to the noise scale set by ``nβ`` and ``γ``; a more degenerate solution (more flat directions)
+has a smaller ``λ̂``. Checkpoints of a model still being trained are not local minima, so what SGLD
+measures there also depends on the gradient at ``w*``, the localisation and the chain length: values
+are comparable between checkpoints of this run, not with ``λ`` of other models or papers.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from icl import slt, toymodels as tm
+from icl.experiments import phase_change as pc
+
+NAME = "llc_phase_change"
+VERSION = 1
+CHAPTER = "report/09-slt.qmd"
+USES_MODEL = False
+DEPENDS = ("phase_change",)
+DESCRIPTION = "SGLD local learning coefficient at checkpoints of the phase-change model, rerun deterministically"
+THREADS = 1  # the rerun reproduces phase_change bit for bit only at the thread count it was trained with
+TRACE_POINTS = 60  # thinned SGLD traces kept per chain
+
+_PC = pc.Params()
+
+
+@dataclass(frozen=True)
+class Params:
+    # training: the phase_change defaults (other phase_change parameters stay at their defaults)
+    seed: int = _PC.seed
+    steps: int = _PC.steps
+    eval_every: int = _PC.eval_every
+    d_model: int = _PC.d_model
+    # checkpoints (multiples of eval_every), denser around the phase change
+    checkpoints: tuple[int, ...] = (100, 500, 1000, 2000, 3500, 5000, 5600, 5800, 6000, 6100, 6200,
+                                    6400, 6600, 7000, 8000)
+    # SGLD
+    n: int = 1024            # sequences in the fixed sample that defines L_n
+    batch_size: int = 32     # sequences per SGLD minibatch
+    step_size: float = 2e-5
+    gamma: float = 1000.0
+    num_chains: int = 4
+    num_steps: int = 250
+    num_burnin: int = 100
+
+    def validate(self) -> None:
+        pc_params(self).validate()
+        steps = checkpoint_steps(self)
+        if not steps or any(s < 0 or s > self.steps or s % self.eval_every for s in steps):
+            raise ValueError("checkpoints must be multiples of eval_every in [0, steps]")
+        if steps != sorted(set(steps)):
+            raise ValueError("checkpoints must be increasing and distinct")
+        if self.n < 2 or not 1 <= self.batch_size <= self.n:
+            raise ValueError("need n >= 2 and 1 <= batch_size <= n")
+        if self.num_chains < 2 or not 0 <= self.num_burnin < self.num_steps:
+            raise ValueError("need num_chains >= 2 and 0 <= num_burnin < num_steps")
+        if self.step_size <= 0 or self.gamma < 0:
+            raise ValueError("need step_size > 0 and gamma >= 0")
+
+
+def checkpoint_steps(p: Params) -> list[int]:
+    return [int(s) for s in p.checkpoints]  # CLI overrides arrive as strings
+
+
+def pc_params(p: Params) -> pc.Params:
+    """The ``phase_change`` parameters of the training run (its defaults unless overridden here)."""
+    return dataclasses.replace(_PC, seed=p.seed, steps=p.steps, eval_every=p.eval_every, d_model=p.d_model)
+
+
+def llc_sample(p: Params, data: tm.MarkovRepeatData) -> torch.Tensor:
+    """The fixed sample of ``n`` training-distribution sequences that defines ``L_n``: ``[n, n_ctx]``."""
+    return data.sample(p.n, torch.Generator().manual_seed(30_000 + p.seed))[0]
+
+
+def content_digest(p: Params) -> str:
+    q = pc_params(p)
+    data, heldout, lens, probe = pc.eval_sets(q)
+    h = hashlib.sha256(pc.content_digest(q).encode())
+    h.update(llc_sample(p, data).numpy().tobytes())
+    return h.hexdigest()
+
+
+def sequence_loss_fn(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, slt.LossFn]:
+    """``w* [d]`` and the loss for :func:`icl.slt.sgld_llc`: per-sequence negative log-likelihood
+    (nats summed over the ``n_ctx − 1`` predictions), averaged over the sequences ``tokens[idx]``
+    (``tokens``: ``[n, n_ctx]``). With a minibatch the loss returned is ``L_m(w) − L_m(w*)`` (the
+    control variate; the gradient is unchanged); with ``idx=None`` it is ``L_n(w) − L_n(w*)``, zero
+    at ``w*``."""
+    per_seq = tokens.shape[1] - 1
+
+    def batch_loss(forward, idx: torch.Tensor | None) -> torch.Tensor:
+        toks = tokens if idx is None else tokens[idx]  # [batch, n_ctx]
+        return tm.next_token_loss(forward(toks), toks) * per_seq
+
+    w_star, loss = slt.module_loss_fn(model, batch_loss)
+    with torch.no_grad():
+        full_star = loss(w_star[None], None)  # [1]
+
+    def centred(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:  # w [chains, d] -> [chains]
+        with torch.no_grad():
+            ref = full_star if idx is None else loss(w_star[None], idx)  # [1]
+        return loss(w, idx) - ref
+
+    return w_star, centred
+
+
+def compute(params: Params, model: Any = None, progress: bool = False,
+            upstream: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    p = params
+    p.validate()
+    q = pc_params(p)
+    wanted = checkpoint_steps(p)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        torch.manual_seed(p.seed)
+        np.random.seed(p.seed)
+        data, heldout, _, probe = pc.eval_sets(q)
+        states: dict[int, dict[str, torch.Tensor]] = {}
+
+        def keep(step: int, net: tm.AttnOnlyTransformer) -> None:
+            if step in wanted:
+                states[step] = copy.deepcopy(net.state_dict())
+
+        start = time.time()
+        net, log, losses = pc._train_one(q, 2, data, heldout, probe, progress, on_checkpoint=keep)
+        train_s = time.time() - start
+        best_induction = log["prefix_matching"][:, 1].max(-1)  # [evals] layer-1 best head
+        arrays: dict[str, np.ndarray] = {
+            "train_loss": np.asarray(losses, dtype=np.float32),
+            "eval_step": log["step"].astype(np.int32),
+            "best_induction": best_induction.astype(np.float32),
+            "best_prev_token": log["prev_token"][:, 0].max(-1).astype(np.float32),
+            "heldout_loss": log["heldout_loss"].mean(1).astype(np.float32),
+            "icl_score": pc.icl_score(log["probe_loss"], q).astype(np.float32),
+        }
+        reproduction = _compare(q, log, losses, net, upstream)
+
+        # ---- SGLD at each checkpoint
+        tokens = llc_sample(p, data)  # [n, n_ctx]
+        K, C = len(wanted), p.num_chains
+        llc_chains = np.empty((K, C))
+        loss_star = np.empty(K)
+        grad_norm = np.empty(K)
+        idx = np.linspace(0, p.num_steps - 1, TRACE_POINTS).astype(int)
+        traces = np.empty((K, C, TRACE_POINTS), dtype=np.float32)
+        llc_seconds = []
+        for k, step in enumerate(wanted):
+            t0 = time.time()
+            ckpt = tm.AttnOnlyTransformer(pc.model_config(q, 2))
+            ckpt.load_state_dict(states[step])
+            w_star, loss = sequence_loss_fn(ckpt, tokens)
+            mean_loss = tm.next_token_loss(ckpt(tokens), tokens)  # per token, on the SGLD sample
+            grads = torch.autograd.grad(mean_loss, list(ckpt.parameters()))
+            loss_star[k] = float(mean_loss.detach())
+            grad_norm[k] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+            res = slt.sgld_llc(loss, w_star, p.n, num_chains=C, num_steps=p.num_steps, num_burnin=p.num_burnin,
+                               step_size=p.step_size, gamma=p.gamma, batch_size=p.batch_size,
+                               seed=40_000 + p.seed)
+            llc_chains[k] = res.llc_chains
+            traces[k] = (res.nbeta * res.loss_trace[:, idx]).astype(np.float32)
+            llc_seconds.append(time.time() - t0)
+            if progress:
+                print(f"step {step}: LLC {res.llc:.1f} ± {res.spread:.1f} (chains {np.round(res.llc_chains, 1)})",
+                      flush=True)
+        arrays.update({
+            "ckpt_step": np.asarray(wanted, dtype=np.int32),
+            "llc_chains": llc_chains.astype(np.float64),
+            "ckpt_loss": loss_star.astype(np.float64),  # L_n(w*) per token on the SGLD sample
+            "ckpt_grad_norm": grad_norm,                # |∇ L_n(w*)| of the per-token loss: w* is no minimum
+            "trace": traces,                            # nβ (L_m(w) − L_m(w*)) along each chain
+            "trace_step": idx.astype(np.int32),
+        })
+        llc_mean = llc_chains.mean(1)
+        transition = pc.locate_transition(log["step"], best_induction)
+        summary: dict[str, Any] = {
+            "llc": {str(s): {"mean": float(m), "sd": float(c.std(ddof=1)), "grad_norm": float(gn)}
+                    for s, m, c, gn in zip(wanted, llc_mean, llc_chains, grad_norm)},
+            "transition_induction": transition,
+            "reproduction": reproduction,
+            "n": p.n, "beta": 1.0 / np.log(p.n), "nbeta": p.n / np.log(p.n),
+            "tokens_per_sample": int(tokens.shape[1] - 1),
+            "n_params": net.n_params(),
+            "all_finite": bool(np.isfinite(llc_chains).all()),
+            "train_seconds": round(train_s, 1),
+            "llc_seconds": round(float(sum(llc_seconds)), 1),
+            "threads": THREADS,
+            "params": json.loads(json.dumps(dataclasses.asdict(p))),
+        }
+        return arrays, summary
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(q: pc.Params, log: dict[str, np.ndarray], losses: list[float], net: tm.AttnOnlyTransformer,
+             upstream: dict[str, Any] | None) -> dict[str, Any]:
+    """Does this rerun reproduce the cached ``phase_change`` result exactly? Only meaningful when the
+    training parameters are ``phase_change``'s defaults (those of its cached entry)."""
+    entry = (upstream or {}).get("phase_change")
+    if entry is None or q != pc.Params():
+        return {"compared": False}
+    a = entry.arrays
+    out: dict[str, Any] = {"compared": True}
+    pairs = {
+        "train_loss": (np.asarray(losses, dtype=np.float32), a["L2.train_loss"]),
+        "prefix_matching": (log["prefix_matching"].astype(np.float32), a["L2.prefix_matching"]),
+        "prev_token": (log["prev_token"].astype(np.float32), a["L2.prev_token"]),
+        "heldout_loss": (log["heldout_loss"].astype(np.float32), a["L2.heldout_loss"]),
+        "probe_loss": (log["probe_loss"].astype(np.float32), a["L2.probe_loss"]),
+    }
+    for name, (mine, cached) in pairs.items():
+        out[f"{name}_equal"] = bool(mine.shape == cached.shape and np.array_equal(mine, cached))
+    final = tm.state_arrays(net, "L2.state.")
+    out["final_weights_equal"] = all(np.array_equal(v, a[k]) for k, v in final.items())
+    out["max_abs_weight_diff"] = float(max(np.abs(v - a[k]).max() for k, v in final.items()))
+    out["transition_step_cached"] = entry.data["L2"]["transition_induction"]["step"]
+    return out
