@@ -1,0 +1,174 @@
+"""Head ablation and direct effects, per query head, for grouped-query attention models.
+
+A head's contribution to the residual stream is its row of ``z`` (``hook_z``, ``[batch, pos, n_heads,
+d_head]``, one vector per *query* head) times its slice of the output projection ``W_O``. Ablating a
+head replaces that row: by zero (*zero ablation*) or by its mean over a reference set of prompts (*mean
+ablation*, which removes the information the head carries about this prompt but keeps its average
+output, so later layers are not pushed off-distribution). With grouped-query attention several query
+heads share one key/value head, so a head cannot be ablated through ``hook_v`` or ``hook_k`` without
+taking its siblings with it; ``hook_z`` is the right place.
+
+:func:`last_position_ablation` measures every head's ablation at the answer position (the position that
+predicts the answer), as the source notes' notebook does: only that position's stream changes, so each
+ablation is a one-position restart of :class:`icl.runner.LlamaStack` over A's cached keys and values,
+and all heads of a layer, both modes and all prompts go in one batch.
+
+:func:`direct_effects` is each head's *direct* contribution to the correct answer's logit at the
+answer position: ``z_h W_O^h`` read through the final RMSNorm (its scale frozen at the run's value) and
+the unembedding. When a head is removed and another head's direct effect grows, the second one is a
+*backup head* in the sense of @wang2023ioi and @mcgrath2023hydra.
+
+:func:`zero_heads_hook` is the bridge-hook version of zero ablation (``blocks.{L}.attn.hook_z``), used
+when an ablated run A must feed the patching code of :mod:`icl.patching`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from icl.patching import PatchPairs
+from icl.runner import LlamaStack, PatchingError
+
+
+def _pad(ids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lens = torch.tensor([len(x) for x in ids])
+    out = torch.full((len(ids), int(lens.max())), pad, dtype=torch.long)
+    for r, x in enumerate(ids):
+        out[r, : len(x)] = torch.tensor(list(x))
+    return out, lens
+
+
+def check_heads(stack: LlamaStack, heads: Sequence[tuple[int, int]]) -> None:
+    for layer, head in heads:
+        if not (0 <= layer < stack.n_layers and 0 <= head < stack.n_heads):
+            raise PatchingError(f"head L{layer}H{head} does not exist: layers 0..{stack.n_layers - 1}, "
+                                f"query heads 0..{stack.n_heads - 1}")
+
+
+def zero_heads_edit(heads: Sequence[tuple[int, int]]):
+    """A ``z_edit`` for :class:`LlamaStack` zeroing the given (layer, head) rows at every position."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+
+    def edit(layer: int, z: torch.Tensor) -> torch.Tensor:
+        if layer in by_layer:
+            z = z.clone()
+            z[:, :, by_layer[layer]] = 0
+        return z
+
+    return edit
+
+
+def zero_heads_hook(heads: Sequence[tuple[int, int]]) -> list[tuple[str, Any]]:
+    """Bridge forward hooks zeroing the given heads' ``hook_z`` rows at every position."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+
+    def make(hs: list[int]):
+        def hook(z, hook):  # z [batch, pos, n_heads, d_head]
+            z = z.clone()
+            z[:, :, hs] = 0
+            return z
+        return hook
+
+    return [(f"blocks.{layer}.attn.hook_z", make(hs)) for layer, hs in sorted(by_layer.items())]
+
+
+@dataclass(frozen=True)
+class ARuns:
+    """A's clean pass at its last position: log P(target), per-head z and direct effects."""
+
+    logp: np.ndarray  # [n] log P(correct first token) at the answer position
+    z: torch.Tensor  # [n_layers, n, n_heads, d_head] at the answer position
+    direct: np.ndarray  # [n, n_layers, n_heads] direct effect of each head on the target logit
+
+
+@torch.inference_mode()
+def direct_effects(stack: LlamaStack, z: torch.Tensor, final_scale: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """``z`` ``[n_layers, n, n_heads, d_head]`` at one position, ``final_scale`` ``[n, 1]`` (1/rms of the
+    final residual), ``target`` ``[n]`` -> ``[n, n_layers, n_heads]`` contributions to the target logit."""
+    H, dh = stack.n_heads, stack.d_head
+    u = stack.W_U[target.to(stack.device)].float() * stack.ln_final.float()  # [n, d_model]
+    out = np.zeros((z.shape[1], stack.n_layers, H))
+    for layer in range(stack.n_layers):
+        W_o = stack.layers[layer].W_o.float().view(stack.d_model, H, dh)  # [d_model, head, d_head]
+        per_head = torch.einsum("nhe,mhe->nhm", z[layer].float(), W_o)  # [n, head, d_model]
+        out[:, layer] = (torch.einsum("nhm,nm->nh", per_head, u) * final_scale.float()).cpu().numpy()
+    return out
+
+
+@torch.inference_mode()
+def a_runs(stack: LlamaStack, tokenizer, pairs: PatchPairs, z_edit=None, batch_size: int = 8,
+           keep_kv: bool = False) -> tuple[ARuns, list[dict[str, torch.Tensor]]]:
+    """Run every A (optionally edited) and record its answer position; with ``keep_kv`` also return
+    per-batch caches for restarts (keys/values of all positions and the residual at the answer position)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    logps, zs, des, caches = [], [], [], []
+    for start in range(0, pairs.n, batch_size):
+        rows = list(range(start, min(pairs.n, start + batch_size)))
+        ids, lens = _pad([pairs.a_ids[i] for i in rows], pad)
+        last = (lens - 1)[:, None]
+        tr = stack.forward(ids, keep=last, keep_kv=keep_kv, z_edit=z_edit)
+        tgt = pairs.target[rows]
+        logp = torch.log_softmax(tr.logits[:, 0].float(), -1)[torch.arange(len(rows)), tgt.to(stack.device)]
+        logps.append(logp.cpu().numpy())
+        z = tr.z[:, :, 0]  # [n_layers, R, H, d_head]
+        zs.append(z.cpu())
+        des.append(direct_effects(stack, z, tr.final_scale[:, 0], tgt))
+        if keep_kv:
+            caches.append({"k": tr.k, "v": tr.v, "resid_pre": tr.resid_pre[:, :, 0], "lens": lens, "rows": rows})
+    return ARuns(np.concatenate(logps), torch.cat(zs, dim=1), np.concatenate(des)), caches
+
+
+@torch.inference_mode()
+def last_position_ablation(stack: LlamaStack, tokenizer, pairs: PatchPairs, mean_z: torch.Tensor,
+                           batch_size: int = 4) -> dict[str, np.ndarray]:
+    """log P(target) at A's answer position with each head ablated there, zero and mean.
+
+    ``mean_z`` ``[n_layers, n_heads, d_head]``: the mean-ablation values. Returns ``{"zero": [n,
+    n_layers, n_heads], "mean": ...}``."""
+    H, L = stack.n_heads, stack.n_layers
+    out = {"zero": np.zeros((pairs.n, L, H)), "mean": np.zeros((pairs.n, L, H))}
+    _, caches = a_runs(stack, tokenizer, pairs, batch_size=batch_size, keep_kv=True)
+    target = pairs.target.to(stack.device)
+    for cache in caches:
+        rows, lens = cache["rows"], cache["lens"]
+        R = len(rows)
+        P = int(lens.max()) - 1
+        valid = torch.arange(P)[None] < (lens - 1)[:, None]  # [R, P] keys before the answer position
+        k, v = cache["k"][:, :, :, :P], cache["v"][:, :, :, :P]
+        for layer in range(L):
+            # rows: (mode, head, prompt) -> 2 * H * R
+            n_rows = 2 * H * R
+            prompt = torch.arange(R).repeat(2 * H)
+            head = torch.arange(H).repeat_interleave(R).repeat(2)
+            mode_mean = torch.arange(2).repeat_interleave(H * R) == 1
+            repl = torch.zeros(n_rows, stack.d_head, dtype=stack.dtype, device=stack.device)
+            repl[mode_mean.to(stack.device)] = mean_z[layer][head[mode_mean]].to(stack.device, stack.dtype)
+            rows_dev = torch.arange(n_rows, device=stack.device)
+            head_dev = head.to(stack.device)
+
+            def edit(at: int, z: torch.Tensor, layer=layer, repl=repl, rows_dev=rows_dev, head_dev=head_dev):
+                if at != layer:
+                    return z
+                z = z.clone()
+                z[rows_dev, -1, head_dev] = repl
+                return z
+
+            resid = cache["resid_pre"][layer][prompt][:, None]  # [n_rows, 1, d_model]
+            kd = {l: k[l][prompt] for l in range(layer, L)}  # only the layers the restart reads
+            vd = {l: v[l][prompt] for l in range(layer, L)}
+            final = stack.run_suffix(layer, resid, (lens - 1)[prompt], kd, vd,
+                                     prefix_valid=valid[prompt], z_edit=edit)
+            logp = torch.log_softmax(stack.logits(final).float(), -1)
+            lp = logp[torch.arange(n_rows), target[[rows[i] for i in prompt.tolist()]]].cpu().numpy()
+            lp = lp.reshape(2, H, R)
+            out["zero"][rows, layer] = lp[0].T
+            out["mean"][rows, layer] = lp[1].T
+    return out

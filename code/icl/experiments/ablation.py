@@ -1,0 +1,155 @@
+"""Head ablation (zero and mean) and the notes' backup-head procedure, on the prompt pairs of
+:mod:`icl.experiments.patching`.
+
+1. Every query head is ablated at A's answer position, by zero and by its mean over the prompts
+   (:func:`icl.ablation.last_position_ablation`), and the change in log P(correct first token) is stored
+   with 95% bootstrap intervals over prompts.
+2. The notes' procedure (seed 003): find the first layer W at which patching A's residual stream into B
+   works (recovers at least ``threshold`` of the effect at some query position); zero-ablate, in A and
+   at every position, all heads of the two layers just before W (they write the stream that patching
+   found; the notes ablated layers 10 and 11 when W was 12); check A's answer; redo the patching sweep
+   from the ablated A and find the new W; record which heads' direct effects on the answer logit grew
+   (backup heads). Repeat ``iterations`` times, ablations accumulating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from icl import ablation, patching, tasks
+from icl.experiments.patching import bootstrap_recovered
+from icl.experiments.patching import prompts_for as patching_prompts
+from icl.experiments.patching import Params as PatchingParams
+from icl.runner import LlamaStack
+from icl.stats import bootstrap_mean_ci
+
+NAME = "ablation"
+VERSION = 2
+CHAPTER = "report/05-ablation.qmd"
+USES_MODEL = True
+DESCRIPTION = "zero/mean ablation of every head at the answer position; ablate, re-patch, backup heads"
+THREADS = 1
+
+
+@dataclass(frozen=True)
+class Params:
+    tasks: tuple[str, ...] = ("plus-1", "double-plus-3")
+    procedure_task: str = "plus-1"
+    n_pairs: int = 50
+    k: int = 12
+    seed: int = 0
+    iterations: int = 2
+    threshold: float = 0.5
+    n_boot: int = 1000
+
+    def validate(self) -> None:
+        for name in self.tasks:
+            tasks.get_task(name)
+        if self.procedure_task not in self.tasks:
+            raise ValueError("procedure_task must be one of tasks")
+        if self.n_pairs < 2 or self.k < 2 or self.iterations < 1:
+            raise ValueError("need n_pairs >= 2, k >= 2, iterations >= 1")
+
+
+def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
+    params.validate()
+    return patching_prompts(PatchingParams(tasks=params.tasks, n_pairs=params.n_pairs, k=params.k, seed=params.seed))
+
+
+def content_digest(params: Params) -> str:
+    h = hashlib.sha256()
+    for name, prompts in prompts_for(params).items():
+        h.update(f"{name}:{tasks.get_task(name)}:{tasks.prompts_digest(prompts)}".encode())
+    return h.hexdigest()
+
+
+def _first_working(m: np.ndarray, threshold: float) -> int | None:
+    works = np.nonzero(m.max(axis=1) >= threshold)[0]
+    return int(works[0]) if len(works) else None
+
+
+def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(params.seed)
+    stack = LlamaStack(model.bridge)
+    tok = model.tokenizer
+    arrays: dict[str, np.ndarray] = {}
+    summary: dict[str, Any] = {}
+    all_prompts = prompts_for(params)
+    for name, prompts in all_prompts.items():
+        pairs = patching.make_pairs(tok, prompts)
+        clean, _ = ablation.a_runs(stack, tok, pairs)
+        mean_z = clean.z.mean(dim=1)  # [n_layers, n_heads, d_head] over prompts, answer position
+        abl = ablation.last_position_ablation(stack, tok, pairs, mean_z)
+        arrays[f"{name}.logp_a"] = clean.logp.astype(np.float32)
+        arrays[f"{name}.direct.mean"] = clean.direct.mean(0)
+        s: dict[str, Any] = {"logp_a": float(clean.logp.mean())}
+        for mode, lp in abl.items():
+            delta = lp - clean.logp[:, None, None]  # [n, layers, heads]
+            m, lo, hi = bootstrap_mean_ci(delta, n_boot=params.n_boot, seed=params.seed)
+            arrays[f"{name}.{mode}.delta.mean"], arrays[f"{name}.{mode}.delta.lo"] = m, lo
+            arrays[f"{name}.{mode}.delta.hi"] = hi
+            order = np.argsort(m, axis=None)[:5]
+            s[mode] = {"worst": [[int(i // stack.n_heads), int(i % stack.n_heads), float(m.flat[i]),
+                                  float(lo.flat[i]), float(hi.flat[i])] for i in order],
+                       "n_significant": int((hi < 0).sum()),
+                       "largest_drop": float(m.min())}
+        summary[name] = s
+
+    # the notes' procedure on one task
+    name = params.procedure_task
+    pairs = patching.make_pairs(tok, all_prompts[name])
+    clean, _ = ablation.a_runs(stack, tok, pairs)
+    acts, logp_a = patching.a_activations(model.bridge, tok, pairs, ["resid_pre"])
+    grid = patching.fast_patch(stack, pairs, acts, ["resid_pre"])
+    m, lo, hi = bootstrap_recovered(grid.logp["resid_pre"], logp_a.numpy().astype(np.float64), grid.logp_b,
+                                    params.n_boot, params.seed)
+    arrays["procedure.0.recovered.mean"], arrays["procedure.0.recovered.lo"] = m, lo
+    arrays["procedure.0.recovered.hi"] = hi
+    first = _first_working(m, params.threshold)
+    steps: list[dict[str, Any]] = [{
+        "ablated_layers": [], "first_layer": first,
+        "logp_a": [float(np.asarray(v).ravel()[0]) for v in
+                   bootstrap_mean_ci(logp_a.numpy()[:, None], n_boot=params.n_boot, seed=params.seed)]}]
+    ablated_layers: list[int] = []
+    for it in range(1, params.iterations + 1):
+        if first is None or first < 1:
+            break
+        new = [layer for layer in (first - 2, first - 1) if layer >= 0 and layer not in ablated_layers]
+        ablated_layers = sorted(set(ablated_layers) | set(new))
+        heads = [(layer, h) for layer in ablated_layers for h in range(stack.n_heads)]
+        acts, logp_abl = patching.a_activations(model.bridge, tok, pairs, ["resid_pre"],
+                                                fwd_hooks=ablation.zero_heads_hook(heads))
+        runs, _ = ablation.a_runs(stack, tok, pairs, z_edit=ablation.zero_heads_edit(heads))
+        grid = patching.fast_patch(stack, pairs, acts, ["resid_pre"])
+        # normalise by the ablated A (what is being patched) and the same B
+        m, lo, hi = bootstrap_recovered(grid.logp["resid_pre"], logp_abl.numpy().astype(np.float64),
+                                        grid.logp_b, params.n_boot, params.seed)
+        arrays[f"procedure.{it}.recovered.mean"], arrays[f"procedure.{it}.recovered.lo"] = m, lo
+        arrays[f"procedure.{it}.recovered.hi"] = hi
+        change = runs.direct - clean.direct  # [n, layers, heads]
+        cm, clo, chi = bootstrap_mean_ci(change, n_boot=params.n_boot, seed=params.seed)
+        arrays[f"procedure.{it}.direct_change.mean"], arrays[f"procedure.{it}.direct_change.lo"] = cm, clo
+        arrays[f"procedure.{it}.direct_change.hi"] = chi
+        later = cm.copy()
+        later[: max(ablated_layers) + 1] = -np.inf
+        order = np.argsort(-later, axis=None)[:5]
+        first = _first_working(m, params.threshold)
+        steps.append({
+            "ablated_layers": list(ablated_layers),
+            "first_layer": first,
+            "logp_a": [float(np.asarray(v).ravel()[0]) for v in
+                       bootstrap_mean_ci(logp_abl.numpy()[:, None], n_boot=params.n_boot, seed=params.seed)],
+            "runner_matches_bridge": float(np.abs(runs.logp - logp_abl.numpy()).max()),
+            "backup_heads": [[int(i // stack.n_heads), int(i % stack.n_heads), float(cm.flat[i]),
+                              float(clo.flat[i]), float(chi.flat[i])] for i in order],
+        })
+    data = {"model": model.spec.name, "n_layers": stack.n_layers, "n_heads": stack.n_heads,
+            "n_kv_heads": stack.n_kv, "n_pairs": params.n_pairs, "k": params.k, "seed": params.seed,
+            "threshold": params.threshold, "tasks": summary, "procedure_task": name, "procedure": steps}
+    return arrays, data

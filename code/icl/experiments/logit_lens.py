@@ -1,0 +1,103 @@
+"""Logit lens on the answer: at which depth is the output a number, and when is it the right one?
+
+For each task we build ``n_prompts`` prompts of ``k`` examples; the first ``k - 1`` are the context and
+the last one is the query whose answer we read. One pass of :class:`icl.runner.LlamaStack` per batch
+records the residual stream after every layer at the answer positions, and :func:`icl.lens.answer_lens`
+reads it through the final norm and the unembedding (:mod:`icl.lens`). Stored per task and per layer:
+the probability and rank of the correct first answer token, the probability mass on number tokens, and
+the teacher-forced log-probability of the whole answer, per prompt and as means with 95% bootstrap
+intervals over prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from icl import tasks
+from icl.lens import answer_lens
+from icl.runner import LlamaStack
+from icl.stats import bootstrap_mean_ci
+
+NAME = "logit_lens"
+VERSION = 1
+CHAPTER = "report/03-logit-lens.qmd"
+USES_MODEL = True
+DESCRIPTION = "logit lens at the answer position: P(correct first token), rank, number-token mass per layer"
+THREADS = 1  # one thread: the machine is shared, and oversubscribed OpenMP threads are several times slower
+BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Params:
+    tasks: tuple[str, ...] = ("identity", "plus-1", "double-plus-3")
+    n_prompts: int = 60
+    k: int = 12  # examples per prompt, the last one being the query (the notes' prompt had 12 lines)
+    seed: int = 0
+    n_boot: int = 2000
+
+    def validate(self) -> None:
+        for name in self.tasks:
+            tasks.get_task(name)
+        if self.n_prompts < 2 or self.k < 2:
+            raise ValueError("need n_prompts >= 2 and k >= 2 (at least one context example)")
+
+
+def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
+    params.validate()
+    return {name: tasks.make_prompts(name, params.n_prompts, params.k, params.seed) for name in params.tasks}
+
+
+def content_digest(params: Params) -> str:
+    h = hashlib.sha256()
+    for name, prompts in prompts_for(params).items():
+        h.update(f"{name}:{tasks.get_task(name)}:{tasks.prompts_digest(prompts)}".encode())
+    return h.hexdigest()
+
+
+def first_layer(curve: np.ndarray, threshold: float) -> int | None:
+    above = np.nonzero(curve >= threshold)[0]
+    return int(above[0]) if len(above) else None
+
+
+def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(params.seed)
+    stack = LlamaStack(model.bridge)
+    arrays: dict[str, np.ndarray] = {}
+    summary: dict[str, Any] = {}
+    n_layers = stack.n_layers
+    for name, prompts in prompts_for(params).items():
+        res = answer_lens(stack, model.tokenizer, prompts, batch_size=BATCH_SIZE)
+        arrays[f"{name}.p_first"] = res.p_first.astype(np.float32)
+        arrays[f"{name}.rank_first"] = res.rank_first.astype(np.int32)
+        arrays[f"{name}.number_mass"] = res.number_mass.astype(np.float32)
+        arrays[f"{name}.logp_answer"] = res.logp_answer.astype(np.float32)
+        curves = {}
+        for key, values in (("p_first", res.p_first), ("number_mass", res.number_mass),
+                            ("top1", (res.rank_first == 0).astype(float)),
+                            ("logp_answer", res.logp_answer)):
+            m, lo, hi = bootstrap_mean_ci(values, n_boot=params.n_boot, seed=params.seed)
+            arrays[f"{name}.{key}.mean"], arrays[f"{name}.{key}.lo"], arrays[f"{name}.{key}.hi"] = m, lo, hi
+            curves[key] = m
+        arrays[f"{name}.median_rank"] = np.median(res.rank_first, axis=0)
+        is_number = first_layer(curves["number_mass"], 0.5)
+        is_right = first_layer(curves["top1"], 0.5)
+        summary[name] = {
+            "rule": tasks.get_task(name).rule,
+            "number_layer": is_number,  # first layer where > half the mass is on number tokens
+            "right_layer": is_right,  # first layer where the correct first token is top-1 in > half the prompts
+            "p_half_layer": first_layer(curves["p_first"], 0.5),
+            "final_p_first": float(curves["p_first"][-1]),
+            "final_top1": float(curves["top1"][-1]),
+            "final_number_mass": float(curves["number_mass"][-1]),
+            "final_logp_answer": float(curves["logp_answer"][-1]),
+        }
+    data = {"model": model.spec.name, "n_layers": n_layers, "n_prompts": params.n_prompts, "k": params.k,
+            "seed": params.seed, "ci_level": 0.95, "tasks": summary,
+            "notes_relative_depth": 20 / 32}
+    return arrays, data

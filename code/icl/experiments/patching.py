@@ -1,0 +1,143 @@
+"""Residual-stream, attention-output and MLP-output patching from the run with examples (A) into the
+run with only the query line (B), layers × query positions, over many prompt pairs.
+
+Pairs come from :func:`icl.tasks.make_prompts` (``k`` examples, the last one the query); only prompts
+whose query ``x`` has two digits are kept, so every B run has the same tokens-per-line (``(``, two
+digits, ``,``, space) and the pairs batch together. A's activations are read once through bridge hooks
+at the aligned positions, and :func:`icl.patching.fast_patch` computes every cell (see
+:mod:`icl.patching`; ``benchmarks/patching_speed.py`` checks it against TransformerLens's own patching).
+
+Stored per task and kind: the per-pair log-probability of the correct first answer token after each
+patch ``[pairs, layers, positions]``, A's and B's own values, the fraction of the A–B effect recovered
+(ratio of means) with 95% bootstrap intervals over pairs, and how often B's argmax after the patch is
+the first digit of the correct answer, of ``2x`` and of ``x`` (copying).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from icl import patching, tasks
+from icl.runner import LlamaStack
+
+NAME = "patching"
+VERSION = 2
+CHAPTER = "report/04-patching.qmd"
+USES_MODEL = True
+DESCRIPTION = "activation patching A (k examples) -> B (query only): resid/attn/MLP, layers x query positions"
+THREADS = 1  # one thread: the machine is shared, and oversubscribed OpenMP threads are several times slower
+
+
+@dataclass(frozen=True)
+class Params:
+    tasks: tuple[str, ...] = ("plus-1", "double-plus-3")
+    n_pairs: int = 50
+    k: int = 12
+    seed: int = 0
+    n_boot: int = 1000
+    threshold: float = 0.5  # a layer "works" when a patch there recovers this fraction of the effect
+
+    def validate(self) -> None:
+        for name in self.tasks:
+            tasks.get_task(name)
+        if self.n_pairs < 2 or self.k < 2:
+            raise ValueError("need n_pairs >= 2 and k >= 2")
+        if not 0 < self.threshold <= 1:
+            raise ValueError("threshold must be in (0, 1]")
+
+
+def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
+    """The first ``n_pairs`` prompts (seeded) whose query x has two digits."""
+    params.validate()
+    out = {}
+    for name in params.tasks:
+        pool = tasks.make_prompts(name, 3 * params.n_pairs + 20, params.k, params.seed)
+        chosen = [p for p in pool if p.xs[-1] >= 10][: params.n_pairs]
+        if len(chosen) < params.n_pairs:
+            raise ValueError("not enough prompts with a two-digit query")
+        out[name] = chosen
+    return out
+
+
+def content_digest(params: Params) -> str:
+    h = hashlib.sha256()
+    for name, prompts in prompts_for(params).items():
+        h.update(f"{name}:{tasks.get_task(name)}:{tasks.prompts_digest(prompts)}".encode())
+    return h.hexdigest()
+
+
+def bootstrap_recovered(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray, n_boot: int,
+                        seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Recovered fraction (ratio of means) with a percentile bootstrap over pairs; logp [n, ...]."""
+    n = logp.shape[0]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    lp = logp.astype(np.float64)
+    num = lp[idx].mean(1) - logp_b[idx].mean(1).reshape((n_boot,) + (1,) * (lp.ndim - 1))
+    den = (logp_a[idx].mean(1) - logp_b[idx].mean(1)).reshape((n_boot,) + (1,) * (lp.ndim - 1))
+    boots = num / den
+    lo, hi = np.quantile(boots, [0.025, 0.975], axis=0)
+    return patching.recovered(lp, logp_a, logp_b), lo, hi
+
+
+def first_token(tokenizer, number: int) -> int:
+    return int(tokenizer(str(number), add_special_tokens=False)["input_ids"][0])
+
+
+def summarise_grid(tag: str, grid: patching.PatchGrid, logp_a: np.ndarray, targets: dict[str, np.ndarray],
+                   params: Params, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Store one grid's arrays under ``tag`` and return its JSON summary."""
+    out: dict[str, Any] = {}
+    for kind, lp in grid.logp.items():
+        arrays[f"{tag}.{kind}.logp"] = lp.astype(np.float32)
+        m, lo, hi = bootstrap_recovered(lp, logp_a, grid.logp_b, params.n_boot, params.seed)
+        arrays[f"{tag}.{kind}.recovered.mean"], arrays[f"{tag}.{kind}.recovered.lo"] = m, lo
+        arrays[f"{tag}.{kind}.recovered.hi"] = hi
+        for name, tok in targets.items():
+            arrays[f"{tag}.{kind}.argmax_{name}"] = (grid.argmax[kind] == tok[:, None, None]).mean(0)
+        best = m.max(axis=1)  # best query position per layer
+        works = np.nonzero(best >= params.threshold)[0]
+        out[kind] = {
+            "first_layer": int(grid.layers[works[0]]) if len(works) else None,
+            "best_position_at_first_layer": int(m[works[0]].argmax()) if len(works) else None,
+            "max_recovered": float(m.max()),
+        }
+    arrays[f"{tag}.logp_b"] = grid.logp_b.astype(np.float32)
+    return out
+
+
+def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(params.seed)
+    stack = LlamaStack(model.bridge)
+    tok = model.tokenizer
+    arrays: dict[str, np.ndarray] = {}
+    summary: dict[str, Any] = {}
+    q_tokens = None
+    for name, prompts in prompts_for(params).items():
+        pairs = patching.make_pairs(tok, prompts)
+        acts, logp_a = patching.a_activations(model.bridge, tok, pairs)
+        grid = patching.fast_patch(stack, pairs, acts)
+        xs = np.array(pairs.xs)
+        targets = {"y": pairs.target.numpy(),
+                   "2x": np.array([first_token(tok, 2 * x) for x in xs]),
+                   "x": np.array([first_token(tok, x) for x in xs])}
+        arrays[f"{name}.logp_a"] = logp_a.numpy().astype(np.float32)
+        s = summarise_grid(name, grid, logp_a.numpy().astype(np.float64), targets, params, arrays)
+        arrays[f"{name}.argmax_b_y"] = np.array((grid.argmax_b == targets["y"]).mean())
+        s["logp_a"] = float(logp_a.mean())
+        s["logp_b"] = float(grid.logp_b.mean())
+        s["b_argmax_is_y"] = float((grid.argmax_b == targets["y"]).mean())
+        s["b_argmax_is_x"] = float((grid.argmax_b == targets["x"]).mean())
+        s["rule"] = tasks.get_task(name).rule
+        summary[name] = s
+        q_tokens = [tok.decode([t]) for t in pairs.b_ids[0, -pairs.q_len:].tolist()]
+    data = {"model": model.spec.name, "n_layers": stack.n_layers, "n_pairs": params.n_pairs, "k": params.k,
+            "seed": params.seed, "threshold": params.threshold, "query_tokens_example": q_tokens,
+            "tasks": summary}
+    return arrays, data

@@ -1,0 +1,266 @@
+"""Activation patching from a run with in-context examples into a run without them, fast and GQA-correct.
+
+Run A is a prompt of ``k`` examples whose last line is the query ``(x, `` ; run B is the query line
+alone. A knows the rule, B does not. Copy one activation of A into B and ask how much of A's behaviour
+B recovers: if copying the residual stream at layer ``L`` and query position ``p`` makes B answer like
+A, then by layer ``L`` the information that the examples supplied sits at position ``p``. The two runs
+have different lengths, so they are *aligned from the end*: query position ``j`` (0 = the query line's
+first token) is position ``len(A) - q + j`` in A and ``len(B) - q + j`` in B, ``q`` being the number of
+tokens of the query line; the alignment is checked token by token.
+
+The metric is the log-probability of the correct answer's first token at B's last position,
+normalised so that 0 is B's own value and 1 is A's (fraction of the effect recovered)::
+
+    recovered = (m_patched - m_B) / (m_A - m_B)
+
+averaged over prompt pairs before dividing (per-pair ratios explode where A and B nearly agree).
+
+Three kinds of activation are patched, one cell at a time (layer × query position):
+``resid_pre`` (the residual stream entering block ``L``), ``attn_out`` and ``mlp_out`` (the outputs of
+block ``L``'s attention and MLP). :func:`fast_patch` computes the whole grid with the restartable runner
+of :mod:`icl.runner`: one unpatched pass over B records what the restarts need, every cell then only
+recomputes layers ``>= L`` at positions ``>= p``, and all cells and prompt pairs that restart at the same
+position run as one batch that grows layer by layer (:meth:`~icl.runner.LlamaStack.run_restarts`), so
+the matrix products stay large. :func:`reference_patch` computes the same grid with TransformerLens's
+own ``generic_activation_patch`` (one hooked bridge forward per cell); ``benchmarks/patching_speed.py``
+times the two and checks they agree.
+
+Cost, for a grid of layers × ``q`` query positions on B runs of ``T`` tokens: one forward per cell costs
+``n_layers * T`` block-token units plus ``T`` unembeddings; a restart costs ``(n_layers - L) * (T - p)``
+units plus one unembedding: on average ``4 / ((1 + 1/n_layers) (1 + 1/q))`` times fewer block-token units
+when ``T = q`` (SmolLM2, 30 layers and 5 positions: 3.2×; 3.5× counting the unembeddings). Beyond that
+bound only the overhead of many small forward passes can be saved.
+
+A's activations are taken through bridge hooks (:func:`a_activations`) at the aligned positions only,
+never as a full activation cache, with optional extra hooks on A (head ablations through
+``hook_z``), so the same code fits llama-3-8b on one GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from icl.runner import LlamaStack, PatchingError, Restart
+from icl.scoring import encode
+from icl.tasks import Prompt
+
+KINDS = ("resid_pre", "attn_out", "mlp_out")
+HOOK = {"resid_pre": "blocks.{}.hook_resid_pre", "attn_out": "blocks.{}.hook_attn_out",
+        "mlp_out": "blocks.{}.hook_mlp_out"}
+
+
+@dataclass(frozen=True)
+class PatchPairs:
+    """Prompt pairs aligned from the end of the query line."""
+
+    a_ids: tuple[tuple[int, ...], ...]  # each A: the prompt up to (not including) the last answer
+    b_ids: torch.Tensor  # [n, T_B] the query line alone (with the tokenizer's own BOS, if any)
+    q_len: int  # tokens of the query line (the patchable positions)
+    target: torch.Tensor  # [n] the correct answer's first token
+    xs: tuple[int, ...]  # the query's x
+    ys: tuple[int, ...]  # the correct answer
+
+    @property
+    def n(self) -> int:
+        return len(self.a_ids)
+
+
+def make_pairs(tokenizer, prompts: Sequence[Prompt]) -> PatchPairs:
+    """A/B pairs from prompts whose last example is the query. All B runs must have one length (for
+    SmolLM2: two-digit x); prompts whose query lines tokenize differently raise :class:`PatchingError`."""
+    if not prompts:
+        raise PatchingError("no prompts")
+    a_all, b_all, tgt, q_lens = [], [], [], []
+    for p in prompts:
+        enc = encode(tokenizer, p)
+        first = enc.answer_tokens[-1][0]
+        a = enc.ids[:first]
+        line_start = p.line_spans[-1][0]
+        query = p.text[line_start:p.answer_spans[-1][0]]  # "(x, "
+        b = list(tokenizer(query, add_special_tokens=True)["input_ids"])
+        bare = list(tokenizer(query, add_special_tokens=False)["input_ids"])
+        q = len(bare)
+        if q == 0 or a[-q:] != bare or b[-q:] != bare:
+            raise PatchingError(f"query line {query!r} does not tokenize the same inside the prompt and alone, "
+                                "so A and B cannot be aligned from the end")
+        a_all.append(tuple(a))
+        b_all.append(b)
+        tgt.append(enc.ids[first])
+        q_lens.append(q)
+    if len({len(b) for b in b_all}) != 1 or len(set(q_lens)) != 1:
+        lens = sorted({len(b) for b in b_all})
+        raise PatchingError(f"query lines have different token lengths {lens}: patch prompts with the same "
+                            "query alignment together (e.g. only two-digit x)")
+    return PatchPairs(tuple(a_all), torch.tensor(b_all, dtype=torch.long), q_lens[0],
+                      torch.tensor(tgt, dtype=torch.long), tuple(p.xs[-1] for p in prompts),
+                      tuple(p.ys[-1] for p in prompts))
+
+
+def _check_grid(n_layers: int, q_len: int, layers: Sequence[int] | None,
+                positions: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    positions = list(range(q_len)) if positions is None else [int(x) for x in positions]
+    bad_l = [x for x in layers if not 0 <= x < n_layers]
+    if bad_l:
+        raise PatchingError(f"layers {bad_l} are out of range: the model has layers 0..{n_layers - 1}")
+    bad_p = [x for x in positions if not 0 <= x < q_len]
+    if bad_p:
+        raise PatchingError(f"query positions {bad_p} are out of range: the query line has positions 0..{q_len - 1}")
+    return layers, positions
+
+
+@torch.inference_mode()
+def a_activations(bridge: Any, tokenizer, pairs: PatchPairs, kinds: Sequence[str] = KINDS,
+                  fwd_hooks: Sequence[tuple[Any, Any]] = (), batch_size: int = 8,
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A's activations at the aligned query positions, through bridge hooks (no full cache).
+
+    Returns ``{kind: [n_layers, n, q_len, d_model]}`` and A's log-probability of the target ``[n]``.
+    ``fwd_hooks`` are extra (name, fn) hooks applied to A, e.g. head ablations on ``hook_z``.
+    """
+    for kind in kinds:
+        if kind not in HOOK:
+            raise PatchingError(f"unknown activation kind {kind!r}: use {', '.join(HOOK)}")
+    n_layers = int(bridge.cfg.n_layers)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    q = pairs.q_len
+    out = {k: [[None] * pairs.n for _ in range(n_layers)] for k in kinds}
+    logp_a = torch.zeros(pairs.n)
+    device = bridge.cfg.device
+    for start in range(0, pairs.n, batch_size):
+        rows = list(range(start, min(pairs.n, start + batch_size)))
+        lens = torch.tensor([len(pairs.a_ids[i]) for i in rows])
+        ids = torch.full((len(rows), int(lens.max())), pad, dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, : lens[r]] = torch.tensor(pairs.a_ids[i])
+        where = (lens[:, None] - q + torch.arange(q)[None]).to(device)  # [R, q]
+
+        def grab(act, hook, kind, layer):
+            idx = where[..., None].expand(-1, -1, act.shape[-1])
+            got = torch.gather(act, 1, idx).detach()
+            for r, i in enumerate(rows):
+                out[kind][layer][i] = got[r]
+            return None
+
+        hooks = [(HOOK[k].format(layer), (lambda a, hook, k=k, layer=layer: grab(a, hook, k, layer)))
+                 for k in kinds for layer in range(n_layers)]
+        logits = bridge.run_with_hooks(ids.to(device), fwd_hooks=list(fwd_hooks) + hooks)
+        last = logits[torch.arange(len(rows)), (lens - 1).to(device)].float()
+        logp = torch.log_softmax(last, -1)
+        logp_a[rows] = logp[torch.arange(len(rows)), pairs.target[rows].to(device)].cpu()
+    acts = {k: torch.stack([torch.stack(out[k][layer]) for layer in range(n_layers)]) for k in kinds}
+    return acts, logp_a
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    logp: dict[str, np.ndarray]  # kind -> [n, n_layers_patched, n_positions] log P(target) after patching
+    argmax: dict[str, np.ndarray]  # kind -> [n, n_layers_patched, n_positions] argmax token after patching
+    logp_b: np.ndarray  # [n] B unpatched
+    argmax_b: np.ndarray  # [n]
+    layers: list[int]
+    positions: list[int]
+
+
+@torch.inference_mode()
+def fast_patch(stack: LlamaStack, pairs: PatchPairs, a_acts: dict[str, torch.Tensor],
+               kinds: Sequence[str] = KINDS, layers: Sequence[int] | None = None,
+               positions: Sequence[int] | None = None, max_rows: int = 2048) -> PatchGrid:
+    """The layers × query-positions patching grid, one restart per (start layer, position) group."""
+    layers, positions = _check_grid(stack.n_layers, pairs.q_len, layers, positions)
+    for kind in kinds:
+        if kind not in a_acts:
+            raise PatchingError(f"no A activations of kind {kind!r}")
+        if a_acts[kind].shape[:3] != (stack.n_layers, pairs.n, pairs.q_len):
+            raise PatchingError(f"A activations {kind} have shape {tuple(a_acts[kind].shape)}, expected "
+                                f"[{stack.n_layers}, {pairs.n}, {pairs.q_len}, d_model]")
+    B = pairs.b_ids.to(stack.device)
+    n, T = B.shape
+    off = T - pairs.q_len  # B position of query position 0
+    tr = stack.forward(B)  # all positions kept: B is short
+    target = pairs.target.to(stack.device)
+
+    def readout(final: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(stack.logits(final).float(), -1)
+        return logp[torch.arange(len(rows)), target[rows]], logp.argmax(-1)
+
+    lb, ab = readout(tr.resid_pre[-1][:, -1], torch.arange(n, device=stack.device))
+    res_logp = {k: np.zeros((n, len(layers), len(positions)), dtype=np.float32) for k in kinds}
+    res_arg = {k: np.zeros((n, len(layers), len(positions)), dtype=np.int64) for k in kinds}
+    # Every cell becomes a restart (start layer, stage, position) with an edited residual; the runner
+    # stacks all restarts at one position into a batch that grows layer by layer (run_restarts).
+    jobs: list[Restart] = []
+    cells: list[tuple[str, int, int]] = []
+    acts = {kind: a_acts[kind].to(stack.device, stack.dtype) for kind in kinds}
+    index = torch.arange(n, device=stack.device)
+    for kind in kinds:
+        act = acts[kind]
+        for li, layer in enumerate(layers):
+            for pi, qpos in enumerate(positions):
+                p = off + qpos
+                if kind == "resid_pre":
+                    start, stage = layer, "attn"
+                    resid = tr.resid_pre[layer][:, p:].clone()  # [n, T - p, d_model]
+                    resid[:, 0] = act[layer, :, qpos]
+                elif kind == "attn_out":
+                    start, stage = layer, "mlp"
+                    resid = tr.resid_mid[layer][:, p:].clone()
+                    resid[:, 0] += act[layer, :, qpos] - tr.attn_out[layer][:, p]
+                else:
+                    start, stage = layer + 1, "attn"
+                    resid = tr.resid_pre[layer + 1][:, p:].clone()
+                    resid[:, 0] += act[layer, :, qpos] - tr.mlp_out[layer][:, p]
+                jobs.append(Restart(start, stage, p, resid, index))
+                cells.append((kind, li, pi))
+    finals = stack.run_restarts(jobs, tr.k, tr.v, max_rows=max_rows)
+    for c0 in range(0, len(jobs), max(1, max_rows // n)):  # read out in chunks of about max_rows rows
+        block = list(range(c0, min(len(jobs), c0 + max(1, max_rows // n))))
+        lp, am = readout(torch.cat([finals[c] for c in block]), index.repeat(len(block)))
+        for j, c in enumerate(block):
+            kind, li, pi = cells[c]
+            res_logp[kind][:, li, pi] = lp[j * n:(j + 1) * n].cpu().numpy()
+            res_arg[kind][:, li, pi] = am[j * n:(j + 1) * n].cpu().numpy()
+    return PatchGrid(res_logp, res_arg, lb.cpu().numpy(), ab.cpu().numpy(), layers, positions)
+
+
+def reference_patch(bridge: Any, pairs: PatchPairs, a_acts: dict[str, torch.Tensor], kind: str,
+                    layers: Sequence[int] | None = None, positions: Sequence[int] | None = None) -> np.ndarray:
+    """The same grid with TransformerLens's ``generic_activation_patch`` (one hooked forward per cell).
+
+    Returns ``[n, n_layers_patched, n_positions]`` log-probabilities of the target."""
+    import pandas as pd
+    from transformer_lens import patching as tl_patching
+
+    n_layers = int(bridge.cfg.n_layers)
+    layers, positions = _check_grid(n_layers, pairs.q_len, layers, positions)
+    B = pairs.b_ids.to(bridge.cfg.device)
+    n, T = B.shape
+    off = T - pairs.q_len
+    target = pairs.target.to(bridge.cfg.device)
+    act = a_acts[kind]
+    clean = {}
+    for layer in layers:
+        full = torch.zeros(n, T, act.shape[-1], dtype=act.dtype, device=bridge.cfg.device)
+        full[:, off:] = act[layer].to(bridge.cfg.device)
+        clean[HOOK[kind].format(layer)] = full  # a dict stands in for the ActivationCache
+    index_df = pd.DataFrame([(layer, off + p) for layer in layers for p in positions], columns=["layer", "pos"])
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits[:, -1].float(), -1)
+        return logp[torch.arange(n), target]
+
+    with torch.inference_mode():
+        result = tl_patching.generic_activation_patch(
+            bridge, B, clean, metric, tl_patching.layer_pos_patch_setter, kind, index_df=index_df,
+            reduce="none")
+    values = result.values.detach().float().cpu().numpy()  # [cells, n]
+    return values.T.reshape(n, len(layers), len(positions))
+
+
+def recovered(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray) -> np.ndarray:
+    """Fraction of the A-B effect recovered, ratio of means over pairs (axis 0): 0 = B, 1 = A."""
+    return (logp.mean(0) - logp_b.mean()) / (logp_a.mean() - logp_b.mean())
