@@ -39,10 +39,10 @@ THREADS = 1
 
 @dataclass(frozen=True)
 class Params:
-    n_seqs: int = 24
+    n_seqs: int = 50
     half: int = 50
     tasks: tuple[str, ...] = ("identity", "plus-1", "double-plus-3")
-    n_prompts: int = 30
+    n_prompts: int = 50
     k: int = 12
     seed: int = 0
     n_boot: int = 1000
