@@ -135,3 +135,16 @@ def prompts_digest(prompts: list[Prompt]) -> str:
     """sha256 of the prompts' content (task, text and scored spans), for cache keys."""
     payload = [[p.task, p.text, p.answer_spans, p.line_spans] for p in prompts]
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
+
+
+def make_suite(names: tuple[str, ...] | list[str], n_prompts: int, k: int, seed: int) -> dict[str, list[Prompt]]:
+    """Prompts for several tasks at once, each from its own seeded stream."""
+    return {name: make_prompts(name, n_prompts, k, seed) for name in names}
+
+
+def suite_digest(prompts_by_task: dict[str, list[Prompt]]) -> str:
+    """sha256 over each task's definition and prompts, in order, for cache keys of multi-task experiments."""
+    h = hashlib.sha256()
+    for name, prompts in prompts_by_task.items():
+        h.update(f"{name}:{get_task(name)}:{prompts_digest(prompts)}".encode())
+    return h.hexdigest()

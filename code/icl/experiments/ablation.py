@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +61,7 @@ def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
 
 
 def content_digest(params: Params) -> str:
-    h = hashlib.sha256()
-    for name, prompts in prompts_for(params).items():
-        h.update(f"{name}:{tasks.get_task(name)}:{tasks.prompts_digest(prompts)}".encode())
-    return h.hexdigest()
+    return tasks.suite_digest(prompts_for(params))
 
 
 def _first_working(m: np.ndarray, threshold: float) -> int | None:

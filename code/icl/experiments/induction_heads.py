@@ -67,7 +67,7 @@ def random_tokens(params: Params) -> np.ndarray:
 
 def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
     params.validate()
-    return {name: tasks.make_prompts(name, params.n_prompts, params.k, params.seed) for name in params.tasks}
+    return tasks.make_suite(params.tasks, params.n_prompts, params.k, params.seed)
 
 
 def content_digest(params: Params) -> str:

@@ -11,7 +11,6 @@ intervals over prompts.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,14 +48,11 @@ class Params:
 
 def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
     params.validate()
-    return {name: tasks.make_prompts(name, params.n_prompts, params.k, params.seed) for name in params.tasks}
+    return tasks.make_suite(params.tasks, params.n_prompts, params.k, params.seed)
 
 
 def content_digest(params: Params) -> str:
-    h = hashlib.sha256()
-    for name, prompts in prompts_for(params).items():
-        h.update(f"{name}:{tasks.get_task(name)}:{tasks.prompts_digest(prompts)}".encode())
-    return h.hexdigest()
+    return tasks.suite_digest(prompts_for(params))
 
 
 def first_layer(curve: np.ndarray, threshold: float) -> int | None:

@@ -15,7 +15,6 @@ the first digit of the correct answer, of ``2x`` and of ``x`` (copying).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,10 +64,7 @@ def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
 
 
 def content_digest(params: Params) -> str:
-    h = hashlib.sha256()
-    for name, prompts in prompts_for(params).items():
-        h.update(f"{name}:{tasks.get_task(name)}:{tasks.prompts_digest(prompts)}".encode())
-    return h.hexdigest()
+    return tasks.suite_digest(prompts_for(params))
 
 
 def bootstrap_recovered(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray, n_boot: int,

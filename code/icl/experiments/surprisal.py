@@ -14,7 +14,6 @@ match, and cumulative information (bits).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +49,11 @@ class Params:
 
 def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
     params.validate()
-    return {name: tasks.make_prompts(name, params.n_prompts, params.k, params.seed) for name in params.tasks}
+    return tasks.make_suite(params.tasks, params.n_prompts, params.k, params.seed)
 
 
 def content_digest(params: Params) -> str:
-    h = hashlib.sha256()
-    for name, prompts in prompts_for(params).items():
-        h.update(f"{name}:{tasks.get_task(name)}:{tasks.prompts_digest(prompts)}".encode())
-    return h.hexdigest()
+    return tasks.suite_digest(prompts_for(params))
 
 
 def _summarise(arrays: dict[str, np.ndarray], prefix: str, values: np.ndarray, n_boot: int, seed: int) -> tuple:
