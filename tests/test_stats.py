@@ -21,3 +21,11 @@ def test_deterministic_and_needs_two_rows():
     assert np.array_equal(np.stack(bootstrap_mean_ci(x, seed=3)), np.stack(bootstrap_mean_ci(x, seed=3)))
     with pytest.raises(ValueError):
         bootstrap_mean_ci(np.ones((1, 4)))
+
+
+def test_first_at_least():
+    from icl.stats import first_at_least
+
+    assert first_at_least(np.array([0.1, 0.4, 0.6, 0.2, 0.9]), 0.5) == 2
+    assert first_at_least(np.array([0.1, 0.4]), 0.5) is None
+    assert first_at_least(np.array([0.5]), 0.5) == 0

@@ -21,3 +21,10 @@ def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, level: float = 0.9
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha], axis=0)
     return values.mean(axis=0), low, high
+
+
+def first_at_least(values: np.ndarray, threshold: float) -> int | None:
+    """Index of the first entry of a 1-d curve that reaches ``threshold`` (None if none does): the
+    "first layer where X works" of the logit-lens, patching and ablation chapters."""
+    hits = np.nonzero(np.asarray(values) >= threshold)[0]
+    return int(hits[0]) if len(hits) else None

@@ -25,7 +25,7 @@ from icl.experiments.patching import bootstrap_recovered
 from icl.experiments.patching import prompts_for as patching_prompts
 from icl.experiments.patching import Params as PatchingParams
 from icl.runner import LlamaStack
-from icl.stats import bootstrap_mean_ci
+from icl.stats import bootstrap_mean_ci, first_at_least
 
 NAME = "ablation"
 VERSION = 2
@@ -65,8 +65,7 @@ def content_digest(params: Params) -> str:
 
 
 def _first_working(m: np.ndarray, threshold: float) -> int | None:
-    works = np.nonzero(m.max(axis=1) >= threshold)[0]
-    return int(works[0]) if len(works) else None
+    return first_at_least(m.max(axis=1), threshold)  # best query position per layer
 
 
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

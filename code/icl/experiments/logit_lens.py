@@ -20,7 +20,7 @@ import torch
 from icl import tasks
 from icl.lens import answer_lens
 from icl.runner import LlamaStack
-from icl.stats import bootstrap_mean_ci
+from icl.stats import bootstrap_mean_ci, first_at_least
 
 NAME = "logit_lens"
 VERSION = 1
@@ -56,8 +56,7 @@ def content_digest(params: Params) -> str:
 
 
 def first_layer(curve: np.ndarray, threshold: float) -> int | None:
-    above = np.nonzero(curve >= threshold)[0]
-    return int(above[0]) if len(above) else None
+    return first_at_least(curve, threshold)
 
 
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -23,6 +23,7 @@ import torch
 
 from icl import patching, tasks
 from icl.runner import LlamaStack
+from icl.stats import first_at_least
 
 NAME = "patching"
 VERSION = 2
@@ -97,10 +98,10 @@ def summarise_grid(tag: str, grid: patching.PatchGrid, logp_a: np.ndarray, targe
         for name, tok in targets.items():
             arrays[f"{tag}.{kind}.argmax_{name}"] = (grid.argmax[kind] == tok[:, None, None]).mean(0)
         best = m.max(axis=1)  # best query position per layer
-        works = np.nonzero(best >= params.threshold)[0]
+        first = first_at_least(best, params.threshold)
         out[kind] = {
-            "first_layer": int(grid.layers[works[0]]) if len(works) else None,
-            "best_position_at_first_layer": int(m[works[0]].argmax()) if len(works) else None,
+            "first_layer": int(grid.layers[first]) if first is not None else None,
+            "best_position_at_first_layer": int(m[first].argmax()) if first is not None else None,
             "max_recovered": float(m.max()),
         }
     arrays[f"{tag}.logp_b"] = grid.logp_b.astype(np.float32)
