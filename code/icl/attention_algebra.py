@@ -25,7 +25,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Check:
     name: str
-    statement: str
+    statement: str  # TeX, without dollar signs
     ok: bool
 
 
@@ -58,35 +58,35 @@ def sympy_checks() -> list[Check]:
     frozen, live = (0, 1), (2, 3)
     split = (sum((sp.exp(s[j]) * v[j] for j in frozen), sp.zeros(3, 1))
              + sum((sp.exp(s[j]) * v[j] for j in live), sp.zeros(3, 1))) / Z
-    record("frozen/live split", "Σ_j softmax_j(s) v_j = (Σ_frozen e^{s_j} v_j + Σ_live e^{s_j} v_j) / Σ_u e^{s_u}",
+    record("frozen/live split", r"\sum_j \operatorname{softmax}_j(s)\, v_j = \big(\sum_{\text{frozen}} e^{s_j} v_j + \sum_{\text{live}} e^{s_j} v_j\big) \big/ \sum_u e^{s_u}",
            all(is_identity(x, y) for x, y in zip(full, split)))
     # 2. context irrelevant: with the frozen scores -> -oo the update is the live-only update
     a, b, c = sp.symbols("a b c", real=True)
     wv = sp.symbols("w1 w2 w3", real=True)
     upd = (sp.exp(a) * wv[0] + sp.exp(b) * wv[1] + sp.exp(c) * wv[2]) / (sp.exp(a) + sp.exp(b) + sp.exp(c))
     live_only = (sp.exp(b) * wv[1] + sp.exp(c) * wv[2]) / (sp.exp(b) + sp.exp(c))
-    record("context irrelevant", "frozen score → −∞ gives the update without the context",
+    record("context irrelevant", r"s_{\text{frozen}} \to -\infty \text{ gives the update without the context}",
            is_identity(sp.limit(upd, a, -sp.oo), live_only))
     # 3. merging a frozen entity into a live one with the same value: e^{s_t} v + e^{s_j} v = e^{LSE(s_j, s_t)} v
     lse = sp.log(sp.exp(a) + sp.exp(b))
-    record("modified key", "e^{s_j} v + e^{s_t} v = e^{LSE(s_j, s_t)} v",
+    record("modified key", r"e^{s_j} v + e^{s_t} v = e^{\operatorname{LSE}(s_j, s_t)}\, v",
            is_identity(sp.exp(a) * wv[0] + sp.exp(b) * wv[0], sp.exp(lse) * wv[0]))
     # 4. LSE bounds, n = 2: write b = a - t with t >= 0 (a is the max); LSE - max = log(1 + e^{-t})
     t = sp.symbols("t", nonnegative=True)
     gap = sp.log(sp.exp(a) + sp.exp(a - t)) - a
-    record("LSE − max, n = 2", "log(e^a + e^{a−t}) − a = log(1 + e^{−t})",
+    record("LSE − max, n = 2", r"\log(e^a + e^{a-t}) - a = \log(1 + e^{-t})",
            is_identity(sp.exp(gap), 1 + sp.exp(-t)))
     g = sp.log(1 + sp.exp(-t))
-    record("LSE ≤ max + log 2", "log(1 + e^{−t}) is decreasing in t, equal to log 2 at t = 0 and → 0",
+    record("LSE ≤ max + log 2", r"\log(1 + e^{-t}) \text{ decreases in } t \text{, equals } \log 2 \text{ at } t = 0 \text{ and tends to } 0",
            sp.simplify(sp.diff(g, t)).is_negative is True and sp.simplify(g.subs(t, 0) - sp.log(2)) == 0
            and sp.limit(g, t, sp.oo) == 0)
     # 5. LSE bounds for any n: n e^{max} >= Σ e^{x_i} >= e^{max}  ->  max <= LSE <= max + log n
     n, m = sp.symbols("n m", positive=True)
-    record("LSE ≤ max + log n", "log(n e^{max}) = max + log n",
+    record("LSE ≤ max + log n", r"\log(n\, e^{\max}) = \max + \log n",
            is_identity(sp.expand_log(sp.log(n * sp.exp(m)), force=True), m + sp.log(n)))
     # 6. the softmax update is shift-invariant (so only score differences, margins, matter)
     shifted = upd.subs({a: a + c, b: b + c, c: c + c}, simultaneous=True)
-    record("shift invariance", "softmax(s + c) = softmax(s)", is_identity(shifted, upd))
+    record("shift invariance", r"\operatorname{softmax}(s + c) = \operatorname{softmax}(s)", is_identity(shifted, upd))
     return checks
 
 
