@@ -1,22 +1,27 @@
-"""The book without Quarto: structure, every chapter executed through a Jupyter kernel from the
-committed cache (as Quarto's Jupyter engine would), and the committed cache itself."""
+"""The book: its sources' structure, a cold render by the real Quarto checked as a reader would see it,
+the freezer's invalidation, and the committed cache."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import sys
+import time
+from pathlib import Path
 
-import nbformat
 import pytest
 
-from icl import experiments, quarto
+from icl import experiments, freeze, quarto
 from icl.cache import Cache, key_of
 from icl.config import REPO_ROOT, Config
 
 CHAPTERS = quarto.book_files(REPO_ROOT)
 
 
-def test_structure_has_no_problems():
-    assert quarto.check_structure(REPO_ROOT) == []
+def test_chapter_sources_have_no_problems():
+    assert quarto.check_sources(REPO_ROOT) == []
 
 
 def test_book_lists_parts_and_the_reproduce_appendix():
@@ -24,28 +29,6 @@ def test_book_lists_parts_and_the_reproduce_appendix():
     assert listed[0] == "index.qmd"
     assert "report/appendix-reproduce.qmd" in listed
     assert "part:" in (REPO_ROOT / "_quarto.yml").read_text()
-
-
-@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
-def test_chapter_executes_from_committed_cache(chapter, tmp_path, monkeypatch):
-    env = {"ICL_CACHE": "readonly", "ICL_MODEL": "smollm2-135m",
-           "ICL_CACHE_DIR": str(REPO_ROOT / "cache")}
-    out = tmp_path / "executed.ipynb"
-    values = quarto.execute_qmd(chapter, REPO_ROOT, env=env, save_to=out)
-    for expr, value in values.items():
-        assert value and value not in ("nan", "None"), (expr, value)
-    nb = nbformat.read(out, as_version=4)
-    qmd = quarto.parse_qmd(chapter)
-    figure_cells = [c for c in qmd.cells if c.kind == "code" and str(c.options.get("label", "")).startswith("fig-")]
-    executed = [c for c in nb.cells if c.cell_type == "code"]
-    for cell in executed:
-        label = re.search(r"#\|\s*label:\s*(\S+)", cell.source)
-        if label and label.group(1).startswith("fig-"):
-            kinds = {k for o in cell.outputs for k in o.get("data", {})}
-            assert "image/png" in kinds, f"{chapter.name}: {label.group(1)} drew no figure"
-            assert not any(o.output_type == "error" for o in cell.outputs)
-    assert len(figure_cells) == sum(
-        1 for c in executed if re.search(r"#\|\s*label:\s*fig-", c.source))
 
 
 def test_committed_cache_matches_current_code():
@@ -80,16 +63,70 @@ def test_readme_test_command_is_what_ci_runs():
     assert re.search(r"^make test$", ci, re.M)
 
 
+SKIP_NO_QUARTO = pytest.mark.skipif(quarto.quarto_executable() is None,
+                                    reason="quarto is not on PATH (install it from quarto.org; CI builds one)")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory, request):
+    """The book rendered cold by the real ``quarto render`` in a copy of the project (nothing frozen)."""
+    root = tmp_path_factory.mktemp("book")
+    for name in ["_quarto.yml", "index.qmd", "references.bib", "report", "code", "cache"]:
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, root / name)
+    env = {"ICL_CACHE": "readonly", "ICL_MODEL": "smollm2-135m", "ICL_CACHE_DIR": str(root / "cache"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.update({var: None for var in ("ICL_DEVICE", "ICL_DTYPE") if var in os.environ})
+    start = time.time()
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # Quarto's output is shown as it comes, never swallowed
+        log = quarto.render(root, env=env)
+    return root, log, env, time.time() - start
+
+
 @pytest.mark.quarto
 @pytest.mark.slow
-@pytest.mark.skipif(quarto.quarto_executable() is None, reason="quarto is not installed")
-def test_quarto_renders_the_book(monkeypatch):
-    import sys
+@SKIP_NO_QUARTO
+def test_quarto_renders_every_page_without_a_defect(rendered):
+    root, log, _, seconds = rendered
+    sys.stderr.write(f"cold render of the book: {seconds:.0f} s\n")
+    problems = quarto.log_problems(log) + quarto.check_html(root / "_book")
+    assert problems == [], "\n".join(problems)
+    for chapter in quarto.book_files(root):
+        page = root / "_book" / chapter.relative_to(root).with_suffix(".html")
+        assert page.is_file(), f"{chapter.name} was not rendered"
+    html = "".join(p.read_text() for p in (root / "_book").rglob("*.html"))
+    figures = re.findall(r"^#\|\s*label:\s*(fig-[\w-]+)", "".join(
+        c.read_text() for c in quarto.book_files(root)), re.M)
+    assert len(figures) > 30
+    for label in figures:
+        assert f'id="{label}"' in html, f"{label} is not in the rendered book"
 
-    monkeypatch.setenv("ICL_CACHE", "readonly")
-    monkeypatch.setenv("QUARTO_PYTHON", sys.executable)
-    quarto.render(REPO_ROOT)
-    index = REPO_ROOT / "_book" / "index.html"
-    assert index.is_file()
-    html = "".join(p.read_text() for p in (REPO_ROOT / "_book").rglob("*.html"))
-    assert "fig-surprisal" in html
+
+@pytest.mark.quarto
+@pytest.mark.slow
+@SKIP_NO_QUARTO
+def test_freezer_rerun_is_limited_to_chapters_whose_entries_changed(rendered, monkeypatch):
+    """After a render every chapter that reads the cache has a record; the pre-render step keeps them
+    all frozen, and thaws exactly the chapter whose record no longer matches its cache entry."""
+    root, _, env, _ = rendered
+    for var, value in env.items():
+        if value is None:
+            monkeypatch.delenv(var)
+        else:
+            monkeypatch.setenv(var, value)
+    chapters = quarto.book_files(root)
+    records = {c: freeze.record_path(root, c) for c in chapters}
+    reading = [c for c in chapters if "book.load(" in c.read_text()]
+    assert reading and all(records[c].is_file() for c in reading)
+    assert freeze.thaw(root, chapters) == []
+    patching = root / "report" / "04-patching.qmd"
+    entries = json.loads(records[patching].read_text())
+    entries[0]["meta_sha256"] = "0" * 64
+    records[patching].write_text(json.dumps(entries))
+    thawed = freeze.thaw(root, chapters)
+    assert [(doc.name, "recomputed" in why) for doc, why in thawed] == [("04-patching.qmd", True)]
+    assert not (root / "_freeze" / "report" / "04-patching" / "execute-results").exists()

@@ -1,4 +1,4 @@
-"""Tests for icl.quarto: book listing, .qmd parsing, execution, structure checks."""
+"""icl.quarto: the checks Quarto does not make (sources, rendered HTML, Quarto's log) and the runner."""
 
 from __future__ import annotations
 
@@ -7,21 +7,9 @@ import stat
 import textwrap
 from pathlib import Path
 
-import nbformat
 import pytest
 
-from icl.quarto import (
-    BookError,
-    Cell,
-    ChapterExecutionError,
-    book_files,
-    check_structure,
-    execute_qmd,
-    parse_qmd,
-    quarto_executable,
-    render,
-    to_notebook,
-)
+from icl import quarto
 
 FENCE = "```"
 
@@ -32,530 +20,151 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-QUARTO_YML = """
-project:
-  type: book
-book:
-  title: Synthetic book
-  chapters:
-    - index.qmd
-    - part: "Results"
-      chapters:
-        - report/results.qmd
-  appendices:
-    - report/appendix.qmd
-bibliography: references.bib
-"""
-
-INDEX_QMD = f"""
----
-title: Introduction
----
-
-# Introduction {{#sec-intro}}
-
-Write to someone@example.org or <first.last@uni.edu>. As @smith2020 showed
-[@jones2021, p. 3; -@smith2020], lines are straight (@fig-line, [@Fig-line]).
-See @tbl-data, @sec-results and @eq-energy; @Sec-intro is this chapter.
-
-{FENCE}python
-@decorator_in_code_block
-def f(): ...
-{FENCE}
-
-Inline code such as `@property` or `` a@`b` `` is not a citation.
-<!-- a comment mentioning @commented_out -->
-"""
-
-RESULTS_QMD = f"""
-# Results {{#sec-results}}
-
-{FENCE}{{python}}
-#| label: fig-line
-#| fig-cap: "A straight line, as in @smith2020."
-print("plot")
-{FENCE}
-
-::: {{.callout-note collapse="true"}}
-## Reproduce this figure
-
-{FENCE}bash
-python -m icl figure line --out line.png
-{FENCE}
-:::
-
-{FENCE}{{python}}
-#| label: tbl-data
-#| tbl-cap: Some data.
-print("table")
-{FENCE}
-
-$$
-E = mc^2
-$$ {{#eq-energy}}
-"""
-
-APPENDIX_QMD = """
-# Appendix {#sec-appendix}
-
-Nothing to see here, see @sec-intro.
-"""
-
-REFERENCES_BIB = """
-@article{smith2020,
-  title = {Lines},
-  year = {2020},
-}
-
-@Book{ jones2021 ,
-  title = {More lines},
-}
-"""
-
-
-@pytest.fixture
-def book(tmp_path: Path) -> Path:
-    write(tmp_path / "_quarto.yml", QUARTO_YML)
-    write(tmp_path / "index.qmd", INDEX_QMD)
-    write(tmp_path / "report" / "results.qmd", RESULTS_QMD)
-    write(tmp_path / "report" / "appendix.qmd", APPENDIX_QMD)
-    write(tmp_path / "references.bib", REFERENCES_BIB)
-    return tmp_path
-
-
-def replace_in(path: Path, old: str, new: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
-
-
-# ---------------------------------------------------------------- book_files
-
-
-def test_book_files_lists_chapters_parts_and_appendices(book: Path) -> None:
-    write(
-        book / "_quarto.yml",
-        """
+def book(tmp_path: Path, chapter: str) -> Path:
+    write(tmp_path / "_quarto.yml", """
+        project:
+          type: book
         book:
           chapters:
             - index.qmd
-            - part: report/part1.qmd
-              chapters: [report/results.qmd]
-            - part: "A titled part"
+            - part: "Results"
               chapters:
-                - report/other.qmd
-            - references.md
+                - report/results.qmd
           appendices:
             - report/appendix.qmd
-        """,
-    )
-    assert book_files(book) == [
-        book / "index.qmd",
-        book / "report" / "part1.qmd",
-        book / "report" / "results.qmd",
-        book / "report" / "other.qmd",
-        book / "report" / "appendix.qmd",
+        """)
+    write(tmp_path / "index.qmd", "# Preface\n")
+    write(tmp_path / "report" / "appendix.qmd", "# Appendix\n")
+    write(tmp_path / "report" / "results.qmd", chapter)
+    return tmp_path
+
+
+def figure(label: str, cap: str | None = "A caption.", callout: str | None = "default") -> str:
+    opts = f"#| label: {label}\n" + (f'#| fig-cap: "{cap}"\n' if cap is not None else "")
+    if callout == "default":
+        callout = ('::: {.callout-note collapse="true"}\n## Reproduce this figure\n'
+                   f"{FENCE}bash\npython -m icl run x\n{FENCE}\n:::\n")
+    return f"{FENCE}{{python}}\n{opts}plot()\n{FENCE}\n\n{callout or ''}\n"
+
+
+def test_book_files_follow_parts_and_appendices(tmp_path):
+    root = book(tmp_path, "# R\n")
+    assert [p.relative_to(root).as_posix() for p in quarto.book_files(root)] == [
+        "index.qmd", "report/results.qmd", "report/appendix.qmd"]
+
+
+def test_clean_sources_have_no_problems(tmp_path):
+    root = book(tmp_path, "# R\n\nAs @fig-a shows, with $k = 3$ and `{python} math(r\"k = \", k)`.\n\n"
+                + figure("fig-a"))
+    assert quarto.check_sources(root) == []
+
+
+@pytest.mark.parametrize("chapter, expected", [
+    ("See @fig-a.\n\n" + figure("fig-a", cap=None), "has no fig-cap"),
+    ("No mention.\n\n" + figure("fig-a"), "never referred to as @fig-a"),
+    ("See @fig-a.\n\n" + figure("fig-a", callout=None), "has no 'Reproduce this figure' callout"),
+    ("See @fig-a.\n\n" + figure("fig-a", callout="::: {.callout-note}\n## Reproduce this figure\n"
+                                "`python -m icl run x`\n:::\n"), 'is not collapse="true"'),
+    ("See @fig-a.\n\n" + figure("fig-a", callout='::: {.callout-note collapse="true"}\n'
+                                "## Reproduce this figure\nRun the experiment.\n:::\n"), "gives no 'python -m icl"),
+    ("See @fig-a, where $d = `{python} d`$.\n\n" + figure("fig-a"), "inside $...$"),
+])
+def test_each_source_defect_is_reported(tmp_path, chapter, expected):
+    problems = quarto.check_sources(book(tmp_path, "# R\n\n" + chapter))
+    assert len(problems) == 1 and expected in problems[0], problems
+    assert problems[0].startswith("report/results.qmd:")
+
+
+def test_a_callout_of_the_next_figure_does_not_count(tmp_path):
+    chapter = "@fig-a and @fig-b.\n\n" + figure("fig-a", callout=None) + figure("fig-b")
+    problems = quarto.check_sources(book(tmp_path, "# R\n\n" + chapter))
+    assert len(problems) == 1 and "'fig-a' has no 'Reproduce" in problems[0]
+
+
+def test_a_listed_file_that_is_missing_is_reported(tmp_path):
+    root = book(tmp_path, "# R\n")
+    (root / "report" / "appendix.qmd").unlink()
+    assert quarto.check_sources(root) == ["_quarto.yml lists report/appendix.qmd, which does not exist"]
+
+
+PAGE = """<html><head><title>t $x$</title><script>var a = "$np.float64(1)";</script></head><body>
+<p>Fine prose with <span class="math inline">\\(x = 2\\)</span> and <code>$ python -m icl</code>.</p>
+<div id="fig-a" class="quarto-float quarto-figure"><figure><img src="a.png"><figcaption>A</figcaption></figure></div>
+<table><thead><tr><th>a</th></tr></thead><tbody><tr><td>-0.5</td></tr></tbody></table>
+{extra}
+</body></html>"""
+
+
+def page(tmp_path: Path, extra: str = "") -> Path:
+    site = tmp_path / "_book"
+    site.mkdir(exist_ok=True)
+    (site / "a.png").write_bytes(b"png")
+    (site / "index.html").write_text(PAGE.format(extra=extra), encoding="utf-8")
+    return site
+
+
+def test_clean_html_has_no_problems(tmp_path):
+    assert quarto.check_html(page(tmp_path)) == []
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("<p>see <strong>?@fig-b</strong></p>", "an unresolved reference"),
+    ("<p>spread by np.float64(0.25)</p>", "a Python repr"),
+    ("<p>values array([1, 2])</p>", "a Python repr"),
+    ("<p>were $n = $ 10</p>", "a '$' outside math"),
+    ("<p>a change of -0.00 nats</p>", "a negative zero"),
+    ("<table><tr><td>log(1 + e^{-t}) is decreasing...</td></tr></table>", "a truncated table cell"),
+    ("<table><thead><tr><th></th><th>x</th></tr><tr><th>task</th><th></th></tr></thead></table>",
+     "second header row"),
+    ('<div id="fig-b" class="quarto-float"><figure><figcaption>B</figcaption></figure></div>', "has no image"),
+    ('<div id="fig-b" class="quarto-float"><figure><img src="gone.png"></figure></div>', "missing image"),
+    ('<div class="cell-output cell-output-error"><pre>Traceback</pre></div>', "a cell wrote an error"),
+    ('<div class="cell-output cell-output-stderr"><pre>noise</pre></div>', "a cell wrote to stderr"),
+])
+def test_each_html_defect_is_reported(tmp_path, extra, expected):
+    problems = quarto.check_html(page(tmp_path, extra))
+    assert len(problems) == 1 and expected in problems[0], problems
+    assert problems[0].startswith("index.html:")
+
+
+def test_no_pages_is_a_problem(tmp_path):
+    assert "no HTML pages" in quarto.check_html(tmp_path)[0]
+
+
+def test_log_problems_reads_warnings_and_errors_through_colour_codes():
+    log = ("[ 1/2] index.qmd\n\x1b[33mWARN: report/a.html: Unable to resolve crossref @fig-x\x1b[39m\n"
+           "[WARNING] Citeproc: citation nobody2020 not found\nERROR: boom\nOutput created: _book/index.html\n")
+    assert quarto.log_problems(log) == [
+        "quarto: WARN: report/a.html: Unable to resolve crossref @fig-x",
+        "quarto: [WARNING] Citeproc: citation nobody2020 not found",
+        "quarto: ERROR: boom",
     ]
-    assert all(p.is_absolute() for p in book_files(book))
+    assert quarto.log_problems("Output created: _book/index.html\nWarnings are fine as a word\n") == []
 
 
-def test_book_files_errors(tmp_path: Path) -> None:
-    with pytest.raises(BookError, match="_quarto.yml"):
-        book_files(tmp_path)
-    write(tmp_path / "_quarto.yml", "project:\n  type: website\n")
-    with pytest.raises(BookError, match="book"):
-        book_files(tmp_path)
-    assert check_structure(tmp_path) and "book" in check_structure(tmp_path)[0]
+def fake_quarto(tmp_path: Path, monkeypatch, body: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "quarto"
+    exe.write_text(f"#!/bin/sh\n{body}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
-# ----------------------------------------------------------- check_structure
+def test_render_streams_and_returns_quartos_output(tmp_path, monkeypatch, capfd):
+    fake_quarto(tmp_path, monkeypatch, 'echo "rendering $@"; echo "WARN: x" >&2')
+    log = quarto.render(tmp_path, ["report/a.qmd"], args=["--quiet"])
+    assert log == "rendering render report/a.qmd --quiet\nWARN: x\n"
+    assert "rendering render" in capfd.readouterr().err
 
 
-def test_correct_book_has_no_problems(book: Path) -> None:
-    assert check_structure(book) == []
+def test_render_failure_carries_the_last_lines(tmp_path, monkeypatch):
+    fake_quarto(tmp_path, monkeypatch, 'echo "cell 3 failed: KeyError"; exit 3')
+    with pytest.raises(quarto.BookError, match=r"(?s)exit 3.*cell 3 failed: KeyError"):
+        quarto.render(tmp_path, echo=False)
 
 
-def test_missing_listed_file(book: Path) -> None:
-    listed = "    - report/appendix.qmd"
-    replace_in(book / "_quarto.yml", listed, listed + "\n    - report/missing.qmd")
-    problems = check_structure(book)
-    assert len(problems) == 1, problems
-    assert "report/missing.qmd" in problems[0] and "not exist" in problems[0]
-
-
-def test_unlisted_report_qmd(book: Path) -> None:
-    write(book / "report" / "extra.qmd", "# Extra\n")
-    write(book / "report" / "_partial.qmd", "Included elsewhere.\n")
-    problems = check_structure(book)
-    assert len(problems) == 1, problems
-    assert "report/extra.qmd" in problems[0] and "not listed" in problems[0]
-
-
-def test_dangling_cross_reference(book: Path) -> None:
-    replace_in(book / "report" / "appendix.qmd", "see @sec-intro", "see @fig-nope and [@Tbl-gone]")
-    problems = check_structure(book)
-    assert len(problems) == 2, problems
-    assert any("report/appendix.qmd" in p and "fig-nope" in p for p in problems)
-    assert any("tbl-gone" in p for p in problems)
-
-
-def test_duplicate_label(book: Path) -> None:
-    replace_in(book / "report" / "appendix.qmd", "{#sec-appendix}", "{#sec-results}")
-    problems = check_structure(book)
-    assert len(problems) == 1, problems
-    assert "sec-results" in problems[0] and "2 times" in problems[0]
-    assert "report/appendix.qmd" in problems[0] and "report/results.qmd" in problems[0]
-
-
-def test_duplicate_cell_label(book: Path) -> None:
-    results = book / "report" / "results.qmd"
-    replace_in(results, "#| label: tbl-data", "#| label: fig-line\n#| fig-cap: x")
-    replace_in(book / "index.qmd", "See @tbl-data,", "See")
-    problems = check_structure(book)
-    assert any("fig-line" in p and "2 times" in p for p in problems), problems
-
-
-def test_unknown_citation(book: Path) -> None:
-    replace_in(book / "report" / "appendix.qmd", "Nothing", "Nothing [see @doe1999, ch. 2]")
-    problems = check_structure(book)
-    assert len(problems) == 1, problems
-    assert "doe1999" in problems[0] and "report/appendix.qmd" in problems[0]
-    assert "references.bib" in problems[0]
-
-
-def test_unknown_citation_in_caption(book: Path) -> None:
-    replace_in(book / "report" / "results.qmd", "as in @smith2020", "as in [@nobody2000]")
-    problems = check_structure(book)
-    assert len(problems) == 1 and "nobody2000" in problems[0], problems
-
-
-def test_emails_code_and_comments_are_not_citations(tmp_path: Path) -> None:
-    write(tmp_path / "_quarto.yml", "book:\n  chapters: [index.qmd]\n")
-    write(
-        tmp_path / "index.qmd",
-        f"""
-        # Title
-
-        Mail a@b.org, x.y-z@mail.example.com or <me@host.net>.
-
-        {FENCE}{{python}}
-        @functools.cache
-        def g(): ...
-        {FENCE}
-
-        ~~~
-        @tilde_block
-        ~~~
-
-        {FENCE}{{.python}}
-        @dotted_python_block
-        {FENCE}
-
-        Some `@inline_code` and ``@double `ticks` ``.
-        """,
-    )
-    # no references.bib at all: any citation would be reported
-    assert check_structure(tmp_path) == []
-    replace_in(tmp_path / "index.qmd", "# Title", "# Title\n\nAs @realcite said.")
-    problems = check_structure(tmp_path)
-    assert len(problems) == 1 and "realcite" in problems[0], problems
-
-
-def test_figure_without_fig_cap(book: Path) -> None:
-    results = book / "report" / "results.qmd"
-    replace_in(results, '#| fig-cap: "A straight line, as in @smith2020."\n', "")
-    problems = check_structure(book)
-    assert len(problems) == 1, problems
-    assert "fig-line" in problems[0] and "fig-cap" in problems[0]
-    assert "report/results.qmd" in problems[0]
-
-
-def test_figure_without_reproduce_callout(book: Path) -> None:
-    second = f"""
-{FENCE}{{python}}
-#| label: fig-second
-#| fig-cap: Second figure.
-print("second")
-{FENCE}
-
-::: {{.callout-tip collapse="true"}}
-## Something else
-python -m icl figure second
-:::
-"""
-    replace_in(book / "report" / "results.qmd", "$$\n", second + "\n$$\n")
-    problems = check_structure(book)
-    assert len(problems) == 1, problems
-    assert "fig-second" in problems[0] and "Reproduce this figure" in problems[0]
-
-
-def test_callout_must_follow_its_own_figure(book: Path) -> None:
-    # a figure placed *before* fig-line: fig-line's callout does not count for it
-    first = f"""
-{FENCE}{{python}}
-#| label: fig-first
-#| fig-cap: First figure.
-print("first")
-{FENCE}
-"""
-    fig_line = "\n" + FENCE + "{python}\n#| label: fig-line"
-    replace_in(book / "report" / "results.qmd", fig_line, first + fig_line)
-    problems = check_structure(book)
-    assert len(problems) == 1 and "fig-first" in problems[0], problems
-
-
-def test_callout_title_attribute_and_other_types(book: Path) -> None:
-    replace_in(
-        book / "report" / "results.qmd",
-        '::: {.callout-note collapse="true"}\n## Reproduce this figure\n',
-        '::: {.callout-warning title="Reproduce this figure" collapse="true"}\n',
-    )
-    assert check_structure(book) == []
-
-
-def test_callout_without_collapse(book: Path) -> None:
-    results = book / "report" / "results.qmd"
-    replace_in(results, '{.callout-note collapse="true"}', "{.callout-note}")
-    problems = check_structure(book)
-    assert len(problems) == 1, problems
-    assert "collapse" in problems[0] and "fig-line" in problems[0]
-
-
-def test_callout_without_command(book: Path) -> None:
-    results = book / "report" / "results.qmd"
-    replace_in(results, "python -m icl figure line --out line.png", "make figure")
-    problems = check_structure(book)
-    assert len(problems) == 1, problems
-    assert "python -m icl" in problems[0]
-
-
-# ------------------------------------------------------------------ parse_qmd
-
-PARSE_QMD = f"""
----
-title: "Parsing"
-execute:
-  echo: false
----
-
-Intro with `{{python}} n_items` items and `{{python}} f"{{x:.2f}}"`.
-
-{FENCE}{{python}}
-#| label: fig-demo
-#| fig-cap: >
-#|   A long
-#|   caption.
-#| echo: false
-x = 1
-{FENCE}
-
-{FENCE}{{python echo=false}}
-y = 2
-{FENCE}
-
-{FENCE}bash
-{FENCE}{{python}}
-{FENCE}
-
-{FENCE}{{bash}}
-echo `{{python}} not_inline`
-{FENCE}
-
-{FENCE}{{.python}}
-z = 3
-{FENCE}
-
-{FENCE}{FENCE[0]}markdown
-{FENCE}{{python}}
-shown = "not executed"
-{FENCE}
-{FENCE}{FENCE[0]}
-
-{FENCE}{{{{python}}}}
-escaped = True
-{FENCE}
-
-Outro `{{python}} y`.
-"""
-
-
-def test_parse_qmd(tmp_path: Path) -> None:
-    path = write(tmp_path / "doc.qmd", PARSE_QMD)
-    qmd = parse_qmd(path)
-    assert qmd.path == path
-    assert qmd.front_matter == {"title": "Parsing", "execute": {"echo": False}}
-    code = [c for c in qmd.cells if c.kind == "code"]
-    assert [c.source.splitlines()[-1] for c in code] == ["x = 1", "y = 2"]
-    assert code[0].options == {
-        "label": "fig-demo",
-        "fig-cap": "A long caption.\n",
-        "echo": False,
-    }
-    assert code[0].source.startswith("#| label: fig-demo\n")
-    assert code[1] == Cell("code", "y = 2", {})
-    assert qmd.inline_expressions == ["n_items", 'f"{x:.2f}"', "y"]
-    markdown = "\n".join(c.source for c in qmd.cells if c.kind == "markdown")
-    fragments = ("echo `{python} not_inline`", "z = 3", 'shown = "not executed"', "escaped = True")
-    for fragment in fragments:
-        assert fragment in markdown
-    assert [c.kind for c in qmd.cells] == ["markdown", "code", "code", "markdown"]
-
-    nb = to_notebook(qmd)
-    nbformat.validate(nb)
-    assert nb.nbformat == 4
-    assert nb.metadata.kernelspec.name == "python3"
-    assert [c.cell_type for c in nb.cells] == [c.kind for c in qmd.cells]
-    assert nb.cells[1].source == code[0].source
-
-
-def test_parse_qmd_rejects_unclosed_chunk(tmp_path: Path) -> None:
-    path = write(tmp_path / "bad.qmd", f"Text\n\n{FENCE}{{python}}\nx = 1\n")
-    with pytest.raises(BookError, match="unclosed"):
-        parse_qmd(path)
-
-
-# ---------------------------------------------------------------- execute_qmd
-
-
-def test_execute_qmd_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ICL_QUARTO_TEST_VAR", raising=False)
-    (tmp_path / "data.txt").write_text("hello-from-root\n")
-    chapter = write(
-        tmp_path / "report" / "chapter.qmd",
-        f"""
-        ---
-        title: Run me
-        ---
-
-        {FENCE}{{python}}
-        #| label: setup
-        import os
-        from pathlib import Path
-        DATA = Path("data.txt").read_text().strip()
-        CWD = os.getcwd()
-        VAR = os.environ.get("ICL_QUARTO_TEST_VAR", "<unset>")
-        print(DATA)
-        {FENCE}
-
-        {FENCE}{{python}}
-        #| eval: false
-        raise RuntimeError("eval: false cells must not run")
-        {FENCE}
-
-        {FENCE}{{python}}
-        #| error: true
-        1 / 0
-        {FENCE}
-
-        Data is `{{python}} DATA`, five is `{{python}} 2+3`, the variable is
-        `{{python}} VAR`, the directory `{{python}} CWD` and again `{{python}} 2+3`.
-        """,
-    )
-    save_to = tmp_path / "out" / "nested" / "chapter.ipynb"
-    values = execute_qmd(
-        chapter, tmp_path, timeout=120, env={"ICL_QUARTO_TEST_VAR": "from-env"}, save_to=save_to
-    )
-    assert values["DATA"] == "hello-from-root"
-    assert values["2+3"] == "5"
-    assert values["VAR"] == "from-env"
-    assert os.path.realpath(values["CWD"]) == os.path.realpath(tmp_path)
-    assert set(values) == {"DATA", "2+3", "VAR", "CWD"}
-
-    nb = nbformat.read(save_to, as_version=4)
-    nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert len(code) == 3  # the inline-expression probes are not saved
-    assert "hello-from-root" in "".join(o.get("text", "") for o in code[0].outputs)
-    assert code[1].outputs == []
-    assert any(o.get("ename") == "ZeroDivisionError" for o in code[2].outputs)
-    assert [p.name for p in save_to.parent.iterdir()] == ["chapter.ipynb"]
-
-
-def test_execute_qmd_failing_cell(tmp_path: Path) -> None:
-    chapter = write(
-        tmp_path / "report" / "broken.qmd",
-        f"""
-        {FENCE}{{python}}
-        a = 1
-        {FENCE}
-
-        Some prose `{{python}} a`.
-
-        {FENCE}bash
-        exit 1
-        {FENCE}
-
-        {FENCE}{{python}}
-        b = 2
-        {FENCE}
-
-        {FENCE}{{python}}
-        #| label: boom
-        value = a + b
-        raise ValueError(f"boom {{value}}")
-        {FENCE}
-
-        {FENCE}{{python}}
-        open("marker.txt", "w").write("should not run")
-        {FENCE}
-        """,
-    )
-    save_to = tmp_path / "out" / "broken.ipynb"
-    with pytest.raises(ChapterExecutionError) as info:
-        execute_qmd(chapter, tmp_path, timeout=120, save_to=save_to)
-    err = info.value
-    assert isinstance(err, BookError)
-    assert err.path == chapter
-    assert err.cell_index == 2
-    assert err.ename == "ValueError"
-    assert "boom 3" in err.evalue
-    message = str(err)
-    assert "broken.qmd" in message and "cell 2" in message
-    assert "raise ValueError" in message and "ValueError: boom 3" in message
-    assert not save_to.exists() and not save_to.parent.exists()
-    assert not (tmp_path / "marker.txt").exists()
-
-
-def test_execute_qmd_failing_inline_expression(tmp_path: Path) -> None:
-    chapter = write(
-        tmp_path / "inline.qmd",
-        f"""
-        {FENCE}{{python}}
-        x = 1
-        {FENCE}
-
-        Fine `{{python}} x`, broken `{{python}} undefined_name + 1`.
-        """,
-    )
-    save_to = tmp_path / "inline.ipynb"
-    with pytest.raises(ChapterExecutionError) as info:
-        execute_qmd(chapter, tmp_path, timeout=120, save_to=save_to)
-    assert info.value.cell_index is None
-    assert info.value.ename == "NameError"
-    assert "undefined_name" in str(info.value)
-    assert not save_to.exists()
-
-
-# --------------------------------------------------------------------- render
-
-
-def test_render_without_quarto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert quarto_executable() is None
-    with pytest.raises(BookError, match="not installed"):
-        render(tmp_path)
-
-
-def test_render_reports_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bindir = tmp_path / "bin"
-    script = '#!/bin/sh\necho "rendering $1 in $(pwd)"\necho "ERROR: boom" >&2\nexit 3\n'
-    fake = write(bindir / "quarto", script)
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", str(bindir))
-    assert quarto_executable() == str(fake)
-    book = tmp_path / "book"
-    book.mkdir()
-    with pytest.raises(BookError) as info:
-        render(book)
-    assert "exit 3" in str(info.value) and "ERROR: boom" in str(info.value)
-    assert f"rendering render in {book}" in str(info.value)
+def test_render_without_quarto_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(quarto.BookError, match="quarto.org"):
+        quarto.render(tmp_path)

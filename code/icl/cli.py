@@ -4,7 +4,7 @@
     python -m icl run surprisal [--model M] [--device D] [--dtype T] [--seed S] [--force] [--set k=v ...]
     python -m icl run all
     python -m icl cache status | verify
-    python -m icl book [--no-render]
+    python -m icl book [--no-render] [--quiet]
 
 Bad requests (unknown model, experiment or task, a GPU that is not there, a corrupt cache entry) print
 one line starting with ``error:`` and exit with status 2, before anything is written.
@@ -22,6 +22,7 @@ from icl import experiments, models, tasks
 from icl.cache import Cache
 from icl.config import REPO_ROOT, Config
 from icl.errors import CacheCorruptError, ConfigError, ICLError
+from icl.quarto import BookError
 
 EXIT_USAGE = 2
 
@@ -41,10 +42,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="override an experiment parameter (repeatable)")
     cache = sub.add_parser("cache", help="inspect the result cache")
     cache.add_argument("action", choices=["status", "verify"])
-    book = sub.add_parser("book", help="fill missing cache entries, execute every chapter, render with Quarto")
-    book.add_argument("--no-render", action="store_true", help="execute and check, skip quarto render")
-    book.add_argument("--notebooks", default=str(REPO_ROOT / "_build" / "notebooks"),
-                      help="where the executed notebooks are kept")
+    book = sub.add_parser("book", help="fill missing cache entries, then render and check the book with Quarto")
+    book.add_argument("--no-render", action="store_true",
+                      help="fill the cache and check the chapters' sources; skip quarto render")
+    book.add_argument("--quiet", action="store_true", help="do not echo Quarto's output (it is still checked)")
     return p
 
 
@@ -145,46 +146,42 @@ def _current_keys(config: Config) -> dict[str, str]:
 
 
 def cmd_book(args: argparse.Namespace) -> int:
+    """Fill the cache, check the sources, ``quarto render`` (frozen chapters are reused), check the HTML."""
     from icl import quarto
 
     config = Config.from_env()
-    print(f"[1/3] filling missing cache entries for {config.model} ...")
+    print(f"[1/3] cache entries for {config.model} (computing any that are missing) ...", flush=True)
     loaded = None
     for name in experiments.names():
         entry, loaded = experiments.run(name, config, progress=True, loaded=loaded)
-        print(f"      {name}: {entry.path}")
+        print(f"      {name}: {os.path.relpath(entry.path)}")
     del loaded
-    chapters = quarto.book_files(REPO_ROOT)
-    out_dir = Path(args.notebooks)
-    env = {"ICL_CACHE": "readonly", "ICL_MODEL": config.model}
-    print(f"[2/3] executing {len(chapters)} chapters through a Jupyter kernel ...")
-    for path in chapters:
-        start = time.time()
-        rel = path.relative_to(REPO_ROOT)
-        quarto.execute_qmd(path, REPO_ROOT, env=env, save_to=out_dir / rel.with_suffix(".ipynb"))
-        print(f"      {rel} ({time.time() - start:.1f} s)")
-    problems = quarto.check_structure(REPO_ROOT)
+    problems = quarto.check_sources(REPO_ROOT)
+    print(f"[2/3] chapter sources: {len(problems) or 'no'} problem(s)", flush=True)
     for problem in problems:
-        print(f"      structure: {problem}")
+        print(f"      {problem}")
     if problems:
-        print("error: the book's structure has problems (above)", file=sys.stderr)
+        print("error: the chapters' sources have problems (above)", file=sys.stderr)
         return 1
-    print(f"      executed notebooks are in {out_dir}")
     if args.no_render:
         return 0
-    exe = quarto.quarto_executable()
-    if exe is None:
-        print(
-            "[3/3] Quarto is not installed, so the book was executed and checked but not rendered.\n"
-            "      Install it with `pip install quarto-cli` (it downloads the Quarto binary, so it needs\n"
-            "      network access to GitHub) or from https://quarto.org/docs/get-started/, then rerun.",
-            file=sys.stderr,
-        )
+    if quarto.quarto_executable() is None:
+        print("error: quarto is not on PATH; install Quarto from https://quarto.org/docs/get-started/ "
+              "(the cache is filled and the sources checked)", file=sys.stderr)
         return 1
-    print("[3/3] quarto render ...")
-    os.environ.update({"QUARTO_PYTHON": sys.executable, **env})
-    quarto.render(REPO_ROOT)
-    print(f"      the book is at {REPO_ROOT / '_book' / 'index.html'}")
+    print("[3/3] quarto render (chapters whose source and cache entries are unchanged are reused "
+          "from _freeze/) ...", flush=True)
+    env = {"ICL_CACHE": "readonly", "ICL_MODEL": config.model, "QUARTO_PYTHON": sys.executable,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    start = time.time()
+    log = quarto.render(REPO_ROOT, env=env, echo=not args.quiet)
+    problems = quarto.log_problems(log) + quarto.check_html(REPO_ROOT / "_book")
+    for problem in problems:
+        print(f"      {problem}")
+    if problems:
+        print(f"error: the rendered book has {len(problems)} problem(s) (above)", file=sys.stderr)
+        return 1
+    print(f"      rendered in {time.time() - start:.0f} s with no warning: {REPO_ROOT / '_book' / 'index.html'}")
     return 0
 
 
@@ -202,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except ICLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BookError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
