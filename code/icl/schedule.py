@@ -1,0 +1,150 @@
+"""Compute many experiments at once: worker processes that follow the ``DEPENDS`` graph.
+
+On a small machine the fastest way through the whole book is not more threads per experiment but more
+experiments at a time: most experiments here are chains of small operations (toy training steps, SGLD
+steps, forwards of a 135M model on short prompts) whose per-operation overhead does not shrink with
+threads, and two torch threads fighting a second job for two cores are slower than one. So
+:func:`run_many` runs up to ``jobs`` experiments in parallel, each in its own process with one torch
+thread, and starts an experiment only once every experiment it ``DEPENDS`` on has its cache entry
+(it then loads them from the cache like any other reader). Entries that are already cached are not
+touched. Longest experiments go first among those that are ready, so the slowest chain starts early.
+
+The processes are started with ``spawn`` (a fresh interpreter: no torch state or threads inherited
+across a fork), and each loads the model itself when its experiment needs one. Progress is one overall
+bar, in experiments, and one line per finished experiment with its wall time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from icl import experiments
+from icl.config import Config
+from icl.errors import CacheMissError, ConfigError
+
+
+@dataclass(frozen=True)
+class Done:
+    name: str
+    path: str
+    seconds: float
+    computed: bool
+
+
+def _init_worker(registry: dict[str, str] | None) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    if registry:
+        experiments.REGISTRY.update(registry)
+
+
+def _run_one(name: str, config: Config, overrides: dict[str, str], seed: int | None) -> Done:
+    start = time.time()
+    params = experiments.make_params(experiments.get(name), overrides, seed=seed)
+    entry, _ = experiments.run(name, config, params, progress=False)
+    return Done(name, str(entry.path), time.time() - start, True)
+
+
+def is_cached(name: str, config: Config, overrides: dict[str, str] | None = None,
+              seed: int | None = None) -> bool:
+    """Whether ``name`` has its entry for ``config`` (a readonly lookup: nothing is loaded or computed)."""
+    params = experiments.make_params(experiments.get(name), overrides or {}, seed=seed)
+    try:
+        experiments.run(name, config.with_(cache_mode="readonly"), params)
+        return True
+    except CacheMissError:
+        return False
+
+
+def closure(names: list[str]) -> list[str]:
+    """``names`` and everything they depend on, dependencies first (registry order otherwise)."""
+    out: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            raise ConfigError(f"experiments depend on each other in a cycle: {' -> '.join(path + (name,))}")
+        for dep in getattr(experiments.get(name), "DEPENDS", ()):
+            visit(dep, path + (name,))
+        if name not in out:
+            out.append(name)
+
+    for name in names:
+        visit(name, ())
+    return out
+
+
+def run_many(names: list[str], config: Config, jobs: int = 1, overrides: dict[str, dict[str, str]] | None = None,
+             seed: int | None = None, expected_s: dict[str, float] | None = None,
+             on_done: Callable[[Done], None] | None = None, registry: dict[str, str] | None = None) -> list[Done]:
+    """Make sure every experiment in ``names`` (and what it depends on) has its cache entry.
+
+    ``overrides`` maps an experiment to its ``--set`` parameters (dependencies always use defaults, as
+    :func:`icl.experiments.run` does); ``expected_s`` (seconds, e.g. from the committed entries) orders
+    the ready experiments longest first. With ``config.cache_mode == "refresh"`` the experiments named
+    are recomputed and their dependencies only filled in if missing. Returns one :class:`Done` per
+    experiment, in the order they finished.
+    """
+    overrides = overrides or {}
+    expected_s = expected_s or {}
+    order = closure(names)
+    refresh = config.cache_mode == "refresh"
+    use = config.with_(cache_mode="use")
+    todo = [n for n in order if (refresh and n in names)
+            or not is_cached(n, use, overrides.get(n), seed if n in names else None)]
+    done: list[Done] = [Done(n, "", 0.0, False) for n in order if n not in todo]
+    finished = {d.name for d in done}
+    if not todo:
+        return done
+    pending = list(todo)
+    context = mp.get_context("spawn")
+    bar = tqdm(total=len(todo), desc=f"experiments ({jobs} at a time)", unit="exp")
+    with cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context, initializer=_init_worker,
+                                initargs=(registry,)) as pool:
+        running: dict[cf.Future[Done], str] = {}
+        while pending or running:
+            ready = [n for n in pending
+                     if all(d in finished for d in getattr(experiments.get(n), "DEPENDS", ()))]
+            ready.sort(key=lambda n: -expected_s.get(n, 0.0))
+            for name in ready[: max(1, jobs) - len(running)]:
+                pending.remove(name)
+                cfg = config if (refresh and name in names) else use
+                running[pool.submit(_run_one, name, cfg, overrides.get(name, {}),
+                                    seed if name in names else None)] = name
+                bar.set_postfix_str(", ".join(sorted(running.values())))
+            if not running:
+                raise ConfigError(f"cannot start {', '.join(pending)}: a dependency failed or is missing")
+            finished_now, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in finished_now:
+                name = running.pop(future)
+                result = future.result()  # re-raises the worker's exception here
+                finished.add(name)
+                done.append(result)
+                bar.update(1)
+                bar.write(f"{name}: computed in {result.seconds:.0f} s -> {result.path}")
+                if on_done:
+                    on_done(result)
+            bar.set_postfix_str(", ".join(sorted(running.values())))
+    bar.close()
+    return done
+
+
+def committed_seconds(config: Config) -> dict[str, float]:
+    """The ``elapsed_s`` each experiment's current entry recorded, where there is one (for ordering)."""
+    out: dict[str, float] = {}
+    for name in experiments.names():
+        try:
+            entry, _ = experiments.run(name, config.with_(cache_mode="readonly"))
+        except Exception:  # noqa: BLE001 - a missing or unreadable entry just has no estimate
+            continue
+        seconds: Any = entry.meta.get("elapsed_s") or entry.meta.get("provenance", {}).get("elapsed_s")
+        if isinstance(seconds, (int, float)):
+            out[name] = float(seconds)
+    return out
