@@ -21,10 +21,25 @@ def _run(args, tmp_path, **env):
     (["run", "surprisal", "--model", "gpt-17"], "unknown model 'gpt-17'"),
     (["run", "surprisal", "--set", "tasks=identity,triple"], "unknown task 'triple'"),
     (["run", "surprisal", "--set", "colour=blue"], "has no parameter 'colour'"),
-    (["run", "surprisal", "--set", "n_prompts=many"], "not a valid"),
+    (["run", "surprisal", "--set", "n_prompts=many"], "n_prompts='many' is not an integer; allowed: 2 .. 2000"),
     (["run", "surprisal", "--dtype", "float8"], "dtype must be one of"),
+    (["run", "surprisal", "--set", "n_boot=0"], "n_boot=0 is out of range; allowed: 20 .. 10,000"),
+    (["run", "surprisal", "--set", "n_boot=-3"], "n_boot=-3 is out of range"),
+    (["run", "bayes_fit", "--set", "n_boot=0"], "bayes_fit: parameter n_boot=0 is out of range"),
+    (["run", "surprisal", "--seed", "-1"], "seed=-1 is out of range"),
+    (["run", "surprisal", "--set", "k=3000"], "k=3000 is out of range; allowed: 1 .. 99"),
+    (["run", "surprisal", "--set", "tasks="], "tasks= is empty"),
+    (["run", "surprisal", "--set", "n_prompts=100000000"], "n_prompts=100000000 is out of range"),
+    (["run", "surprisal", "--set", "tasks=affine-3x+1"], "unknown task 'affine-3x+1': use a task of the suite"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(args, message, tmp_path, capsys, monkeypatch):
+    """Refused before any model is loaded or anything is computed or written."""
+    from icl import models
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded for a bad request")
+
+    monkeypatch.setattr(models, "load", forbidden)
     monkeypatch.setenv("ICL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("ICL_CACHE", raising=False)
     code = cli.main(args)

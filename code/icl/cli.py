@@ -85,10 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = []
     for name in names:
         module = experiments.get(name)
-        try:
-            params = experiments.make_params(module, overrides, seed=args.seed)
-        except ValueError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
+        params = experiments.make_params(module, overrides, seed=args.seed)
+        experiments.check_content(module, params)
         plan.append((name, params))
     spec = models.resolve(config.model)
     models.resolve_device(spec, config.device)

@@ -30,8 +30,8 @@ class DeviceUnavailableError(ICLError):
     pass
 
 
-class ConfigError(ICLError):
-    pass
+class ConfigError(ICLError, ValueError):
+    """A value the user chose (a parameter, a setting, a path) that is not allowed."""
 
 
 class CacheMissError(ICLError):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from icl import ablation, patching, tasks
+from icl.experiments import TASKS, between
 from icl.experiments.patching import bootstrap_recovered
 from icl.experiments.patching import prompts_for as patching_prompts
 from icl.experiments.patching import Params as PatchingParams
@@ -53,6 +54,10 @@ class Params:
             raise ValueError("procedure_task must be one of tasks")
         if self.n_pairs < 2 or self.k < 2 or self.iterations < 1:
             raise ValueError("need n_pairs >= 2, k >= 2, iterations >= 1")
+
+
+LIMITS = {"tasks": TASKS, "procedure_task": TASKS, "n_pairs": between(2, 500), "k": between(2, 99),
+          "iterations": between(1, 10), "threshold": between(0.01, 1.0), "n_boot": between(20, 10_000)}
 
 
 def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:

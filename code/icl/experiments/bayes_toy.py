@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from icl.experiments import between
 from icl.stats import bootstrap_mean_ci
 from icl.toybayes import RuleFamily, TinyGPT, answer_logprobs, exact_predictive, kl_per_example
 
@@ -48,10 +49,18 @@ class Params:
     def validate(self) -> None:
         if self.steps < self.eval_every or self.k < 2:
             raise ValueError("need steps >= eval_every and k >= 2")
+        if self.d_model % self.n_heads:
+            raise ValueError("d_model must be a multiple of n_heads")
 
     @property
     def family(self) -> RuleFamily:
         return RuleFamily(noise=self.noise)
+
+
+LIMITS = {"k": between(2, 64), "noise": between(0.001, 0.999), "d_model": between(8, 512),
+          "n_layers": between(1, 8), "n_heads": between(1, 16), "steps": between(1, 200_000),
+          "batch": between(1, 4096), "lr": between(1e-6, 1.0), "eval_every": between(1, 200_000),
+          "n_eval": between(2, 8192)}
 
 
 def content_digest(params: Params) -> str:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from icl import finetune as ft
 from icl import scoring, tasks
+from icl.experiments import TASKS, between, each_float, each_int, one_of
 
 NAME = "c2w_pretrained"
 VERSION = 1
@@ -60,6 +61,9 @@ class Params:
             raise ValueError("Q1 needs a rule the model can learn; the random rule has none")
         if not all(int(k) >= 1 for k in self.ks) or self.n_query < 1 or self.n_contexts < 2:
             raise ValueError("need every k >= 1, n_query >= 1 and n_contexts >= 2")
+        n_x = task.x_max - task.x_min + 1
+        if max(int(k) for k in self.ks) + self.n_query > n_x:
+            raise ValueError(f"need max(ks) + n_query <= {n_x}: a prompt's x values are distinct")
         if not all(0 < int(n) <= self.steps for n in self.record):
             raise ValueError("record steps must be in 1..steps")
         if self.optimizer not in ("adam", "sgd"):
@@ -67,6 +71,11 @@ class Params:
         if self.loss not in ("line", "answer"):
             raise ValueError("loss must be 'line' (every token after the first) or 'answer'")
         [float(x) for x in self.lrs]
+
+
+LIMITS = {"task": TASKS, "ks": each_int(1, 90), "lrs": each_float(1e-8, 1.0), "optimizer": one_of("adam", "sgd"),
+          "steps": between(1, 1000), "record": each_int(1, 1000), "n_contexts": between(2, 100),
+          "n_query": between(1, 90), "loss": one_of("line", "answer")}
 
 
 def prompts_for(p: Params) -> list[tasks.Prompt]:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from icl.experiments import between, each_int, text
 from icl.toybayes import RuleFamily, answer_logprobs, exact_predictive, finetune_on_pairs, position0_params
 
 NAME = "c2w_toy"
@@ -75,11 +76,20 @@ class Params:
             raise ValueError("need at least two contexts")
 
 
+LIMITS = {"ks": each_int(1, 63), "opts": text("optimizer settings sgd:LR or adam:LR, LR in 0 .. 10"),
+          "steps": between(1, 10_000), "record": each_int(1, 10_000), "n_contexts": between(2, 1024),
+          "distil": text("sgd:LR or adam:LR", empty=True)}
+
+
 def parse_opt(spec: str) -> tuple[str, float]:
     name, _, lr = spec.partition(":")
-    if name not in ("sgd", "adam") or not lr:
-        raise ValueError(f"optimizer setting {spec!r} is not 'sgd:LR' or 'adam:LR'")
-    return name, float(lr)
+    try:
+        rate = float(lr)
+    except ValueError:
+        rate = float("nan")
+    if name not in ("sgd", "adam") or not 0 <= rate <= 10:
+        raise ValueError(f"optimizer setting {spec!r} is not 'sgd:LR' or 'adam:LR' with LR in 0 .. 10")
+    return name, rate
 
 
 def contexts(p: Params, family: RuleFamily) -> torch.Tensor:

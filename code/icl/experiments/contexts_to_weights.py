@@ -30,6 +30,7 @@ import torch
 
 from icl import attention_algebra as aa
 from icl import regression as rg
+from icl.experiments import between, each_float, each_int
 
 NAME = "contexts_to_weights"
 VERSION = 1
@@ -61,6 +62,11 @@ class Params:
         if not all(0 < int(n) <= self.steps for n in self.record):
             raise ValueError("record steps must be in 1..steps")
         [float(x) for x in self.lrs]
+
+
+LIMITS = {"ks": each_int(1, 127), "lrs": each_float(1e-6, 10.0), "steps": between(1, 10_000),
+          "record": each_int(1, 10_000), "n_contexts": between(1, 1024), "n_query": between(1, 1024),
+          "value_noise": between(0.0, 10.0)}
 
 
 def contexts(p: Params) -> rg.Tasks:

@@ -25,6 +25,7 @@ import torch
 
 from icl import regression as rg
 from icl import toymodels as tm
+from icl.experiments import between
 from icl.stats import bootstrap_mean_ci
 
 NAME = "icl_regression"
@@ -58,6 +59,15 @@ class Params:
     def validate(self) -> None:
         if self.d < 1 or self.max_k < 2 or self.noise < 0 or self.lsa_k < 1:
             raise ValueError("need d >= 1, max_k >= 2, noise >= 0, lsa_k >= 1")
+        if self.d_model % self.n_heads:
+            raise ValueError("d_model must be a multiple of n_heads")
+
+
+LIMITS = {"d": between(1, 64), "max_k": between(2, 128), "noise": between(0.0, 10.0), "d_model": between(8, 512),
+          "n_layers": between(1, 12), "n_heads": between(1, 16), "steps": between(1, 100_000),
+          "batch": between(1, 4096), "lr": between(1e-6, 1.0), "warmup": between(1, 100_000),
+          "n_eval": between(2, 20_000), "n_boot": between(20, 10_000), "lsa_k": between(1, 128),
+          "lsa_steps": between(1, 100_000), "lsa_lr": between(1e-6, 10.0), "lsa_batch": between(1, 8192)}
 
 
 def model_config(p: Params) -> rg.RegressionConfig:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from icl import heads, tasks
+from icl.errors import ConfigError
+from icl.experiments import TASKS, between
 from icl.runner import LlamaStack
 from icl.scoring import encode
 from icl.stats import bootstrap_mean_ci
@@ -57,6 +59,11 @@ class Params:
             raise ValueError("need n_seqs >= 2, half >= 4, n_prompts >= 2, k >= 2")
         if not 0 <= self.token_low < self.token_high - self.half:
             raise ValueError("the random-token range must hold more than `half` tokens")
+
+
+LIMITS = {"n_seqs": between(2, 1000), "half": between(4, 1000), "tasks": TASKS, "n_prompts": between(2, 1000),
+          "k": between(2, 99), "n_boot": between(20, 10_000), "batch_size": between(1, 256),
+          "token_low": between(0, 1_000_000), "token_high": between(1, 1_000_000)}
 
 
 def random_tokens(params: Params) -> np.ndarray:
@@ -96,6 +103,10 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     torch.manual_seed(params.seed)
     bridge, tok = model.bridge, model.tokenizer
     stack = LlamaStack(bridge)
+    vocab = int(stack.W_E.shape[0])
+    if params.token_high > vocab:  # the vocabulary is the model's, so this is checked once it is loaded
+        raise ConfigError(f"{NAME}: parameter token_high={params.token_high} is beyond this model's "
+                          f"vocabulary of {vocab} tokens; use --set token_high={vocab} or less")
     L, H = stack.n_layers, stack.n_heads
     device = bridge.cfg.device
     arrays: dict[str, np.ndarray] = {}

@@ -46,6 +46,7 @@ import torch
 
 from icl import slt, toymodels as tm
 from icl.experiments import phase_change as pc
+from icl.experiments import between, each_int
 
 NAME = "llc_phase_change"
 VERSION = 1
@@ -91,6 +92,12 @@ class Params:
             raise ValueError("need num_chains >= 2 and 0 <= num_burnin < num_steps")
         if self.step_size <= 0 or self.gamma < 0:
             raise ValueError("need step_size > 0 and gamma >= 0")
+
+
+LIMITS = {"steps": between(1, 100_000), "eval_every": between(1, 100_000), "d_model": between(8, 512),
+          "checkpoints": each_int(0, 100_000), "n": between(2, 100_000), "batch_size": between(1, 100_000),
+          "step_size": between(1e-9, 1.0), "gamma": between(0.0, 1e9), "num_chains": between(2, 64),
+          "num_steps": between(1, 100_000), "num_burnin": between(0, 100_000)}
 
 
 def checkpoint_steps(p: Params) -> list[int]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from icl import tasks
+from icl.experiments import TASKS, between
 from icl.lens import answer_lens
 from icl.runner import LlamaStack
 from icl.stats import bootstrap_mean_ci, first_at_least
@@ -44,6 +45,9 @@ class Params:
             tasks.get_task(name)
         if self.n_prompts < 2 or self.k < 2:
             raise ValueError("need n_prompts >= 2 and k >= 2 (at least one context example)")
+
+
+LIMITS = {"tasks": TASKS, "n_prompts": between(2, 2000), "k": between(2, 99), "n_boot": between(20, 10_000)}
 
 
 def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from icl import heads, toymodels as tm
+from icl.experiments import between
 
 NAME = "phase_change"
 VERSION = 1
@@ -61,6 +62,15 @@ class Params:
             raise ValueError("need 0 < icl_early < probe_len <= icl_late < 2 * probe_len <= n_ctx")
         if self.steps < self.eval_every or self.eval_every < 1:
             raise ValueError("need steps >= eval_every >= 1")
+        if self.d_model % self.n_heads or self.n_successors > self.vocab:
+            raise ValueError("need d_model a multiple of n_heads and n_successors <= vocab")
+
+
+LIMITS = {"steps": between(1, 100_000), "lr": between(1e-6, 1.0), "batch": between(1, 1024),
+          "eval_every": between(1, 100_000), "d_model": between(8, 512), "n_heads": between(1, 16),
+          "vocab": between(4, 1024), "n_ctx": between(8, 512), "n_successors": between(1, 1024),
+          "n_heldout": between(2, 4096), "n_probe": between(2, 4096), "probe_len": between(2, 256),
+          "icl_early": between(1, 511), "icl_late": between(2, 511), "induction_threshold": between(0.0, 1.0)}
 
 
 def data_spec(p: Params) -> tm.MarkovRepeatSpec:

@@ -29,6 +29,7 @@ import sympy as sp
 import torch
 
 from icl import slt
+from icl.experiments import between, each_float
 
 NAME = "slt_free_energy"
 VERSION = 1
@@ -73,6 +74,11 @@ class Params:
             raise ValueError("need n_datasets >= 2 and at least one data size")
         for v in self.data_log10_n:
             float(v)
+
+
+LIMITS = {"log10_n_min": between(0.0, 10.0), "log10_n_max": between(0.0, 10.0), "n_points": between(5, 1000),
+          "fit_log10_n_min": between(0.0, 10.0), "fit_large_log10_n_min": between(0.0, 10.0),
+          "data_log10_n": each_float(1.0, 7.0), "n_datasets": between(2, 1000), "n_boot": between(20, 10_000)}
 
 
 def content_digest(params: Params) -> str:

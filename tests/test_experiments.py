@@ -1,0 +1,121 @@
+"""The experiment registry: every parameter has limits, bad values are refused with a message naming
+the parameter and what is allowed, task names are canonical, and keys follow definitions."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+
+from icl import experiments
+from icl.cache import key_of
+from icl.config import Config
+from icl.errors import ConfigError
+
+NAMES = experiments.names()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_has_a_limit_and_the_defaults_pass(name):
+    module = experiments.get(name)
+    lims = experiments.limits(module)
+    for f in dataclasses.fields(module.Params):
+        assert f.name in lims, f"{name}.{f.name} has no entry in LIMITS"
+    assert set(lims) <= {f.name for f in dataclasses.fields(module.Params)}, "a limit names no parameter"
+    assert experiments.make_params(module) == module.Params()
+    assert all(allowed and allowed != "-" for _, _, allowed in experiments.describe_params(module))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_numbers_outside_their_range_are_refused(name):
+    """For every numeric parameter (or tuple of numbers), one value below and one above its range."""
+    module = experiments.get(name)
+    hints = typing.get_type_hints(module.Params)
+    checked = 0
+    for key, limit in experiments.limits(module).items():
+        if limit.task or limit.choices or limit.text:
+            continue
+        of = limit.of or (int if "int" in str(hints[key]) else float)
+        step = 1 if of is int else max(abs(limit.hi) * 1e-3, 1e-12)
+        for bad in (limit.lo - step, limit.hi + step * (1 if of is int else 1000)):
+            raw = str(int(bad) if of is int else bad)
+            with pytest.raises(ConfigError, match=f"{name}: parameter {key}=.*allowed: "):
+                experiments.make_params(module, {key: raw})
+        checked += 1
+    assert checked >= 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"n_boot": "0"}, "n_boot=0 is out of range; allowed: 20 .. 10,000"),
+    ({"n_boot": "-5"}, "n_boot=-5 is out of range"),
+    ({"k": "3000"}, "k=3000 is out of range; allowed: 1 .. 99"),
+    ({"n_prompts": "100000000"}, "n_prompts=100000000 is out of range"),
+    ({"n_prompts": "1.5"}, "n_prompts='1.5' is not an integer"),
+    ({"tasks": ""}, "tasks= is empty"),
+    ({"tasks": " , "}, "tasks= is empty"),
+    ({"tasks": "identity,identity"}, "repeats a value"),
+    ({"tasks": "identity,affine:1,0,affine:+1,00"}, "names one task twice"),
+    ({"tasks": "affine:3"}, "unknown task 'affine:3'"),
+])
+def test_surprisal_parameters_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match="surprisal: .*" + message.replace("(", r"\(").replace("+", r"\+")):
+        experiments.make_params(experiments.get("surprisal"), overrides)
+
+
+def test_seed_must_be_a_valid_generator_seed():
+    with pytest.raises(ConfigError, match=r"seed=-1 is out of range; allowed: 0 .. 2,147,483,647"):
+        experiments.make_params(experiments.get("surprisal"), seed=-1)
+    assert experiments.make_params(experiments.get("surprisal"), seed=2**31 - 1).seed == 2**31 - 1
+
+
+def test_floats_must_be_finite_and_choices_are_enforced():
+    with pytest.raises(ConfigError, match="threshold=nan is not a finite number"):
+        experiments.make_params(experiments.get("patching"), {"threshold": "nan"})
+    with pytest.raises(ConfigError, match="optimizer=rmsprop is not allowed; allowed: one of adam, sgd"):
+        experiments.make_params(experiments.get("c2w_pretrained"), {"optimizer": "rmsprop"})
+    with pytest.raises(ConfigError, match="lrs=0.001,inf is not a finite number"):
+        experiments.make_params(experiments.get("contexts_to_weights"), {"lrs": "0.001,inf"})
+    with pytest.raises(ConfigError, match="is not 'sgd:LR' or 'adam:LR'"):
+        experiments.make_params(experiments.get("c2w_toy"), {"opts": "adam:-1"})
+    with pytest.raises(ConfigError, match="bad model spec 'linear-100000'"):
+        experiments.make_params(experiments.get("slt_llc"), {"models": "linear-100000"})
+
+
+def test_cross_parameter_problems_are_config_errors():
+    with pytest.raises(ConfigError, match="c2w_pretrained: need max\\(ks\\) \\+ n_query <= 99"):
+        experiments.make_params(experiments.get("c2w_pretrained"), {"ks": "2,90", "n_query": "12"})
+    with pytest.raises(ConfigError, match="ablation: procedure_task must be one of tasks"):
+        experiments.make_params(experiments.get("ablation"), {"procedure_task": "identity"})
+
+
+def test_tuple_of_integers_is_parsed_as_integers():
+    """``--set checkpoints=100,200`` gives the same parameters (and key) as the same ints in code."""
+    module = experiments.get("llc_phase_change")
+    params = experiments.make_params(module, {"checkpoints": "100,200"})
+    assert params.checkpoints == (100, 200)
+    assert params == dataclasses.replace(module.Params(), checkpoints=(100, 200))
+
+
+def test_affine_task_is_accepted_and_keyed_by_its_definition(tmp_path):
+    module = experiments.get("surprisal")
+    config = Config(cache_dir=tmp_path)
+    a = experiments.make_params(module, {"tasks": "identity,affine:3,1"})
+    b = experiments.make_params(module, {"tasks": "identity, affine:+3,01"})
+    c = experiments.make_params(module, {"tasks": "identity,affine:3,2"})
+    assert a.tasks == b.tasks == ("identity", "affine:3,1")
+    key = lambda p: key_of(experiments.key_inputs(module, p, config))  # noqa: E731
+    assert key(a) == key(b) != key(c)
+    pretrained = experiments.make_params(experiments.get("c2w_pretrained"), {"task": "affine:2,-3"})
+    assert pretrained.task == "affine:2,-3"
+
+
+def test_content_that_cannot_be_built_is_a_config_error():
+    """Parameters made in code skip make_params; building their prompts still fails as a ConfigError
+    (the CLI and experiments.run both build them before any model is loaded)."""
+    module = experiments.get("surprisal")
+    params = dataclasses.replace(module.Params(), k=3000)
+    with pytest.raises(ConfigError, match="surprisal: k must be in 1..99"):
+        experiments.check_content(module, params)
+    with pytest.raises(ConfigError, match="surprisal: k must be in 1..99"):
+        experiments.key_inputs(module, params, Config())
