@@ -55,3 +55,23 @@ def clean_env(monkeypatch):
         if var.startswith("ICL_") and var != "ICL_MODELS_DIR":
             monkeypatch.delenv(var, raising=False)
     return monkeypatch
+
+
+def _timing_keys(obj, path=""):
+    """Keys anywhere in a JSON result that look like wall-clock timings (which belong in provenance)."""
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            here = f"{path}.{k}" if path else str(k)
+            if "seconds" in str(k) or str(k).endswith("_s") or str(k) in ("elapsed", "duration"):
+                found.append(here)
+            found += _timing_keys(v, here)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found += _timing_keys(v, f"{path}[{i}]")
+    return found
+
+
+@pytest.fixture(scope="session")
+def timing_keys():
+    return _timing_keys

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from icl import timing
 from icl.experiments import icl_regression as ir
 
 
@@ -31,6 +32,14 @@ def test_curves_for_every_estimator(small):
     r, ls, gd = arrays["ridge.mean"], arrays["least_squares.mean"], arrays["gd_step.mean"]
     assert r[p.d] < ls[p.d] and r[-1] < gd[-1] and r[-1] < 0.05
     assert data["errors"]["ridge"][str(p.max_k - 1)][0] == pytest.approx(r[-1])
+
+
+def test_no_timing_in_the_results(small, timing_keys):
+    p, (arrays, data) = small
+    assert timing_keys(data) == []
+    with timing.collect() as times:
+        ir.lsa_checks(dataclasses.replace(p, lsa_steps=5))
+    assert set(times) == {"lsa_train_seconds"}
 
 
 def test_lsa_identities_and_trained_layer(small):

@@ -33,7 +33,7 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -54,6 +54,15 @@ def key_of(key_inputs: dict[str, Any]) -> str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def data_digest(data: Any) -> str:
+    """The checksum of an entry's JSON results (``data_sha256``)."""
+    return _sha256(canonical_json(data).encode())
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    return (json.dumps(meta, indent=1) + "\n").encode()
 
 
 def git_commit() -> str:
@@ -80,6 +89,11 @@ class Entry:
     @property
     def key_inputs(self) -> dict[str, Any]:
         return self.meta["key_inputs"]
+
+    @property
+    def timing(self) -> dict[str, float]:
+        """Seconds per stage, as the experiment recorded them (provenance, not results)."""
+        return self.meta.get("timing", {})
 
 
 class Cache:
@@ -116,7 +130,7 @@ class Cache:
             raise bad("its key inputs no longer hash to its key")
         if meta["key_inputs"].get("experiment") != meta["experiment"] or path.parent.name != meta["experiment"]:
             raise bad("experiment name does not match its folder")
-        if _sha256(canonical_json(meta["data"]).encode()) != meta["data_sha256"]:
+        if data_digest(meta["data"]) != meta["data_sha256"]:
             raise bad("its JSON results do not match their checksum")
         try:
             raw = (path / "arrays.npz").read_bytes()
@@ -169,7 +183,7 @@ class Cache:
             "key": key,
             "key_inputs": key_inputs,
             "data": data,
-            "data_sha256": _sha256(canonical_json(data).encode()),
+            "data_sha256": data_digest(data),
             "arrays_sha256": _sha256(raw),
             "arrays": {k: [list(np.shape(v)), str(np.asarray(v).dtype)] for k, v in arrays.items()},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -181,7 +195,7 @@ class Cache:
         old = final.parent / f".{final.name}.old-{tag}"
         tmp.mkdir()
         try:
-            for name, payload in (("arrays.npz", raw), ("meta.json", (json.dumps(meta, indent=1) + "\n").encode())):
+            for name, payload in (("arrays.npz", raw), ("meta.json", _meta_bytes(meta))):
                 with open(tmp / name, "wb") as f:
                     f.write(payload)
                     f.flush()
@@ -193,3 +207,21 @@ class Cache:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
         return self.read(final)
+
+    def reseal(self, path: Path, edit: Callable[[dict[str, Any]], None]) -> Entry:
+        """Change an entry's meta.json in place — ``edit`` modifies a copy of its meta; the key inputs and
+        arrays must stay as they are — recompute its checksums and replace the file atomically. For
+        migrating committed entries to a new layout without recomputing them."""
+        entry = self.read(path)
+        meta = json.loads(json.dumps(entry.meta))
+        edit(meta)
+        if meta["key_inputs"] != entry.key_inputs or meta["arrays_sha256"] != entry.meta["arrays_sha256"]:
+            raise ValueError("reseal may not change an entry's key inputs or arrays")
+        meta["data_sha256"] = data_digest(meta["data"])
+        tmp = entry.path / f".meta.json.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(_meta_bytes(meta))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, entry.path / "meta.json")
+        return self.read(entry.path)

@@ -6,7 +6,9 @@ Each experiment is a module in this package with
 * ``USES_MODEL`` — whether it needs a pretrained model (trained-here and symbolic ones do not);
 * ``Params`` — a frozen dataclass of every setting that affects the result, ``seed`` included;
 * ``content_digest(params) -> str`` — a hash of the prompts or data, computed without any model;
-* ``compute(params, model, progress) -> (arrays, data)`` — numpy arrays and small JSON results;
+* ``compute(params, model, progress) -> (arrays, data)`` — numpy arrays and small JSON results, a
+  function of the inputs alone (wall-clock times of stages go to :mod:`icl.timing`, which :func:`run`
+  stores in the entry's provenance);
 * optionally ``DEPENDS`` — names of experiments whose (default-parameter) results this one analyses;
   their keys enter this one's key, and ``compute`` receives them as ``upstream={name: Entry}``;
 * ``LIMITS`` — what each parameter allows (:class:`Limit`): a range for every number (for a tuple of
@@ -29,7 +31,7 @@ import typing
 from types import ModuleType
 from typing import Any
 
-from icl import models, tasks
+from icl import models, tasks, timing
 from icl.cache import Cache, Entry, key_of
 from icl.config import Config
 from icl.errors import CacheMissError, ConfigError, ICLError, ModelUnavailableError, UnknownExperimentError
@@ -321,16 +323,18 @@ def run(name: str, config: Config, params: Any = None, progress: bool = False,
                                     else config, progress=progress, loaded=loaded)
     if module.USES_MODEL and loaded is None:
         loaded = models.load(config)
-    start = time.time()
-    if upstream:
-        arrays, data = module.compute(params, loaded, progress=progress, upstream=upstream)
-    else:
-        arrays, data = module.compute(params, loaded, progress=progress)
-    elapsed = time.time() - start
+    start = time.perf_counter()
+    with timing.collect() as times:
+        if upstream:
+            arrays, data = module.compute(params, loaded, progress=progress, upstream=upstream)
+        else:
+            arrays, data = module.compute(params, loaded, progress=progress)
+    elapsed = time.perf_counter() - start
     import torch
 
     provenance = {
         "elapsed_s": round(elapsed, 2),
+        "timing": {k: round(v, 3) for k, v in sorted(times.items())},  # stages; never in ``data``
         "device": loaded.device if loaded else "cpu",
         "torch_threads": torch.get_num_threads(),
         "versions": _versions(),

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from icl import finetune as ft
-from icl import scoring, tasks
+from icl import scoring, tasks, timing
 from icl.experiments import TASKS, between, each_float, each_int, one_of
 
 NAME = "c2w_pretrained"
@@ -142,12 +142,12 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
         return ids, targets
 
     nK, nL, nR = len(ks), len(lrs), len(record)
-    start = time.time()
+    start = time.perf_counter()
     hf.eval()
     # before any update: with no context and with each k
     base = [ft.score_answers(hf, *query_seqs(c, 0), pad_id) for c in range(C)]
     icl = [[ft.score_answers(hf, *query_seqs(c, k), pad_id) for c in range(C)] for k in ks]
-    icl_seconds = time.time() - start
+    timing.record("icl_seconds", time.perf_counter() - start)
 
     icl_logp = np.array([[s.logp.numpy() for s in row] for row in icl])  # [k, C, m]
     icl_exact = np.array([[s.exact.numpy() for s in row] for row in icl])
@@ -160,7 +160,7 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
     ft_base = np.full((nK, nL, nR, C, m), np.nan)  # KL(fine-tuned || no-context): how far it moved
     train_loss = np.full((nK, nL, nR + 1, C), np.nan)  # loss on the context lines after 0, record... steps
 
-    start = time.time()
+    start = time.perf_counter()
     runs = [(a, b, c) for a in range(nK) for b in range(nL) for c in range(C)]
     loss_slot = {0: 0} | {n: r + 1 for r, n in enumerate(record)}
     with ft.restoring(hf) as snapshot:
@@ -190,7 +190,9 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
                     gap[a, b, r, c] = ft.kl(icl[a][c].first, s.first).numpy()
                     ft_base[a, b, r, c] = ft.kl(s.first, base[c].first).numpy()
             del opt
-    finetune_seconds = time.time() - start
+    finetune_seconds = time.perf_counter() - start
+    timing.record("finetune_seconds", finetune_seconds)
+    timing.record("seconds_per_step", finetune_seconds / (len(runs) * p.steps))
     # the shared model must be exactly as it was: recompute the no-context scores and compare
     after = [ft.score_answers(hf, *query_seqs(c, 0), pad_id) for c in range(C)]
     unchanged = all(torch.equal(x.first, y.first) and torch.equal(x.logp, y.logp) for x, y in zip(base, after))
@@ -230,9 +232,6 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
         "model": loaded.spec.name,
         "task": p.task,
         "rule": tasks.get_task(p.task).rule,
-        "icl_seconds": round(icl_seconds, 1),
-        "finetune_seconds": round(finetune_seconds, 1),
-        "seconds_per_step": round(finetune_seconds / (len(runs) * p.steps), 3),
         "n_params": int(sum(q.numel() for q in hf.parameters())),
         "weights_restored": unchanged,
         "best": best,

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from icl import timing
 from icl.experiments import between, each_int, text
 from icl.toybayes import RuleFamily, answer_logprobs, exact_predictive, finetune_on_pairs, position0_params
 
@@ -132,6 +133,7 @@ def _compute(p: Params, toy_entry: Any, progress: bool) -> tuple[dict[str, np.nd
     if max(int(k) for k in p.ks) >= bp.k:
         raise ValueError(f"the model reads at most {bp.k} pairs: every k must be below {bp.k}")
     trained = bayes_toy.train(bp, progress)
+    timing.record("train_seconds", trained.seconds)
     kl_curve = np.stack(trained.kl_curve).astype(np.float32)
     loss_curve = np.array(trained.train_loss, dtype=np.float32)
     reproduced = bool(np.array_equal(kl_curve, toy_entry.arrays["kl_over_training"])
@@ -149,7 +151,7 @@ def _compute(p: Params, toy_entry: Any, progress: bool) -> tuple[dict[str, np.nd
     C, nx, nK, nO, nR = p.n_contexts, family.n_x, len(ks), len(opts), len(record)
     ctx = contexts(p, family)
     xq = torch.arange(nx)  # every query x
-    start = time.time()
+    start = time.perf_counter()
 
     with torch.no_grad():
         alone = torch.stack([xq, torch.zeros_like(xq)], 1)  # [nx, 2]: "x ?"
@@ -224,7 +226,7 @@ def _compute(p: Params, toy_entry: Any, progress: bool) -> tuple[dict[str, np.nd
                 distil_gap[a, r] = qmean(_kl(icl, preds[n]))
                 distil_exact[a, r] = qmean(_kl(exact, preds[n]))
                 distil_delta[a, r] = moved[n].numpy()
-    finetune_seconds = time.time() - start
+    timing.record("finetune_seconds", time.perf_counter() - start)
 
     finite = np.isfinite(gap)
     diverged = (~finite).mean(-1)  # [k, opt, n]: fraction of contexts with a non-finite KL
@@ -270,8 +272,6 @@ def _compute(p: Params, toy_entry: Any, progress: bool) -> tuple[dict[str, np.nd
         "bayes_toy_entry": toy_entry.key[:16],
         "reproduces_bayes_toy": reproduced,
         "bayes_toy_curve_max_abs_diff": curve_diff,
-        "train_seconds": round(trained.seconds, 1),
-        "finetune_seconds": round(finetune_seconds, 1),
         "best": best,
         "threads": THREADS,
         "n_x": nx,

@@ -30,6 +30,7 @@ import torch
 
 from icl import attention_algebra as aa
 from icl import regression as rg
+from icl import timing
 from icl.experiments import between, each_float, each_int
 
 NAME = "contexts_to_weights"
@@ -107,7 +108,7 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             base = net.predict(t.X[:, :0], t.y[:, :0], t.Xq).numpy()  # T_w(x): no context
             for a, k in enumerate(ks):
                 icl[a] = net.predict(t.X[:, :k], t.y[:, :k], t.Xq).numpy()
-        start = time.time()
+        start = time.perf_counter()
         # every (k, lr, context) is one copy of the model; all are fine-tuned together
         K = max(ks)
         grid = [(a, b, c) for a in range(nK) for b in range(nL) for c in range(C)]
@@ -117,7 +118,7 @@ def compute(params: Params, model: Any = None, progress: bool = False,
         preds = rg.finetune_many(net, t.X[idx_c, :K], t.y[idx_c, :K], mask, t.Xq[idx_c], lr_t, p.steps, record)
         for r, n in enumerate(record):
             ft[:, :, r] = preds[n].view(nK, nL, C, m).numpy()
-        finetune_seconds = time.time() - start
+        timing.record("finetune_seconds", time.perf_counter() - start)
         finite = np.isfinite(ft)
         ft_safe = np.where(finite, ft, np.nan)
         with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
@@ -150,7 +151,6 @@ def compute(params: Params, model: Any = None, progress: bool = False,
         arrays["modified_keys.scales"] = np.asarray(SCALES)
         data = {
             "regression_entry": reg_entry.key[:16],
-            "finetune_seconds": round(finetune_seconds, 1),
             "best": best,
             "threads": THREADS,
             "params": json.loads(json.dumps(asdict(p))),

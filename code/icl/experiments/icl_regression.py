@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from icl import regression as rg
+from icl import timing
 from icl import toymodels as tm
 from icl.experiments import between
 from icl.stats import bootstrap_mean_ci
@@ -170,9 +170,8 @@ def lsa_checks(p: Params) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     out["context_as_weights"] = {"sum_max_abs_error": e_sum, "gd_on_M_max_abs_error": e_grad,
                                  "gd_on_M_lr": k ** 2 / lr, "n_tasks": int(t.X.shape[0])}
     # 3. a trained linear self-attention layer
-    start = time.time()
-    trained, losses = rg.lsa_train(d, k, p.noise, p.lsa_steps, p.lsa_lr, p.lsa_batch, seed=p.seed)
-    out["lsa_train_seconds"] = round(time.time() - start, 1)
+    with timing.timed("lsa_train_seconds"):
+        trained, losses = rg.lsa_train(d, k, p.noise, p.lsa_steps, p.lsa_lr, p.lsa_batch, seed=p.seed)
     arrays["lsa.P"] = trained.P.detach().numpy().astype(np.float32)
     arrays["lsa.Q"] = trained.Q.detach().numpy().astype(np.float32)
     arrays["lsa.train_loss"] = np.asarray(losses, dtype=np.float32)
@@ -206,9 +205,8 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        start = time.time()
-        net, losses = train_model(p, progress)
-        train_seconds = time.time() - start
+        with timing.timed("train_seconds"):
+            net, losses = train_model(p, progress)
         ev, cal = eval_tasks(p)
         with torch.no_grad():
             pred = net.predict_all(ev.X, ev.y).double().numpy()
@@ -230,7 +228,6 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
         arrays.update(lsa_arrays)
         data = {
             "errors": summary,
-            "train_seconds": round(train_seconds, 1),
             "n_params": sum(x.numel() for x in net.parameters()),
             "final_train_loss": float(np.mean(losses[-100:])),
             "lsa": lsa,

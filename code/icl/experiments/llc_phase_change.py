@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from icl import slt, toymodels as tm
+from icl import slt, timing, toymodels as tm
 from icl.experiments import phase_change as pc
 from icl.experiments import between, each_int
 
@@ -164,9 +164,8 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             if step in wanted:
                 states[step] = copy.deepcopy(net.state_dict())
 
-        start = time.time()
-        net, log, losses = pc._train_one(q, 2, data, heldout, probe, progress, on_checkpoint=keep)
-        train_s = time.time() - start
+        with timing.timed("train_seconds"):
+            net, log, losses = pc._train_one(q, 2, data, heldout, probe, progress, on_checkpoint=keep)
         best_induction = log["prefix_matching"][:, 1].max(-1)  # [evals] layer-1 best head
         arrays: dict[str, np.ndarray] = {
             "train_loss": np.asarray(losses, dtype=np.float32),
@@ -186,9 +185,8 @@ def compute(params: Params, model: Any = None, progress: bool = False,
         grad_norm = np.empty(K)
         idx = np.linspace(0, p.num_steps - 1, TRACE_POINTS).astype(int)
         traces = np.empty((K, C, TRACE_POINTS), dtype=np.float32)
-        llc_seconds = []
         for k, step in enumerate(wanted):
-            t0 = time.time()
+            t0 = time.perf_counter()
             ckpt = tm.AttnOnlyTransformer(pc.model_config(q, 2))
             ckpt.load_state_dict(states[step])
             w_star, loss = sequence_loss_fn(ckpt, tokens)
@@ -201,7 +199,7 @@ def compute(params: Params, model: Any = None, progress: bool = False,
                                seed=40_000 + p.seed)
             llc_chains[k] = res.llc_chains
             traces[k] = (res.nbeta * res.loss_trace[:, idx]).astype(np.float32)
-            llc_seconds.append(time.time() - t0)
+            timing.record("llc_seconds", time.perf_counter() - t0)
             if progress:
                 print(f"step {step}: LLC {res.llc:.1f} ± {res.spread:.1f} (chains {np.round(res.llc_chains, 1)})",
                       flush=True)
@@ -224,8 +222,6 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             "tokens_per_sample": int(tokens.shape[1] - 1),
             "n_params": net.n_params(),
             "all_finite": bool(np.isfinite(llc_chains).all()),
-            "train_seconds": round(train_s, 1),
-            "llc_seconds": round(float(sum(llc_seconds)), 1),
             "threads": THREADS,
             "params": json.loads(json.dumps(dataclasses.asdict(p))),
         }

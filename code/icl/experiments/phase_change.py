@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from icl import heads, toymodels as tm
+from icl import heads, timing, toymodels as tm
 from icl.experiments import between
 
 NAME = "phase_change"
@@ -194,8 +194,6 @@ def _ablations(model: tm.AttnOnlyTransformer, heldout: torch.Tensor, probe: torc
 
 
 def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    import time
-
     p = params
     p.validate()
     threads = torch.get_num_threads()
@@ -206,9 +204,8 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
         summary: dict[str, Any] = {}
         trained = {}
         for n_layers in (2, 1):
-            start = time.time()
-            net, log, losses = _train_one(p, n_layers, data, heldout, probe, progress)
-            took = time.time() - start
+            with timing.timed(f"L{n_layers}.train_seconds"):
+                net, log, losses = _train_one(p, n_layers, data, heldout, probe, progress)
             trained[n_layers] = net
             tag = f"L{n_layers}"
             arrays[f"{tag}.train_loss"] = np.asarray(losses, dtype=np.float32)
@@ -222,7 +219,6 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
             arrays[f"{tag}.best_induction"] = best_induction.astype(np.float32)
             summary[tag] = {
                 "n_params": net.n_params(),
-                "train_seconds": round(took, 1),
                 "final_heldout_loss": float(log["heldout_loss"][-1].mean()),
                 "final_icl_score": float(icl[-1]),
                 "initial_icl_score": float(icl[0]),
