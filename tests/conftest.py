@@ -21,6 +21,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_icl_settings():
+    """The suite runs the same whatever ICL_* variables the user has set (ICL_DEVICE=cuda, an
+    ICL_CACHE_DIR elsewhere, ...): they are removed for the whole session, subprocesses included.
+    ICL_MODELS_DIR stays, so the converted default model is reused from where it is."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in list(os.environ):
+            if var.startswith("ICL_") and var != "ICL_MODELS_DIR":
+                mp.delenv(var)
+        yield
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -35,3 +35,15 @@ def test_bad_values(clean_env, field, value):
 def test_frozen():
     with pytest.raises(Exception):
         Config().model = "x"  # type: ignore[misc]
+
+
+def test_custom_runs_have_their_own_folder_unless_a_cache_dir_is_set(clean_env, tmp_path):
+    from icl import config
+
+    cfg = Config.from_env()
+    assert cfg.results_dir(custom=False) == config.DEFAULT_CACHE_DIR == config.REPO_ROOT / "cache"
+    assert cfg.results_dir(custom=True) == config.USER_CACHE_DIR != config.DEFAULT_CACHE_DIR
+    clean_env.setenv("ICL_CACHE_DIR", str(tmp_path))
+    cfg = Config.from_env()
+    assert cfg.results_dir(custom=False) == cfg.results_dir(custom=True) == tmp_path
+    assert Config(cache_dir=tmp_path).results_dir(custom=True) == tmp_path  # made in code: one folder

@@ -119,3 +119,25 @@ def test_content_that_cannot_be_built_is_a_config_error():
         experiments.check_content(module, params)
     with pytest.raises(ConfigError, match="surprisal: k must be in 1..99"):
         experiments.key_inputs(module, params, Config())
+
+
+def test_entry_status_tells_other_models_custom_runs_and_stale_entries_apart(tmp_path, tiny_llama):
+    from icl.cache import Cache
+
+    tiny = Config(model=str(tiny_llama.spec.location), dtype="float32", cache_dir=tmp_path)
+    default_model = Config(cache_dir=tmp_path)
+    entry, _ = experiments.run("surprisal", tiny, loaded=tiny_llama)  # default parameters, the tiny model
+    assert experiments.entry_status(entry, tiny).state == "current"
+    other = experiments.entry_status(entry, default_model)
+    assert other.state == "other-model" and other.detail.startswith("local:") and other.valid
+    module = experiments.get("surprisal")
+    params = experiments.make_params(module, {"tasks": "identity", "n_prompts": "2", "k": "3"}, seed=1)
+    custom, _ = experiments.run("surprisal", tiny, params, loaded=tiny_llama)
+    status = experiments.entry_status(custom, default_model)
+    assert status.state == "custom" and status.detail.startswith("--seed 1 --set tasks=identity")
+    advice = experiments.misplaced_advice(custom, status)
+    assert "user cache" in advice and f"rm -r {custom.path}" in advice
+    stale = Cache(tmp_path).store({**custom.key_inputs, "content_sha256": "0" * 64}, custom.arrays, custom.data)
+    status = experiments.entry_status(stale, tiny)
+    assert status.state == "stale" and "prompts, data or dependencies have changed" in status.detail
+    assert "never loaded" in experiments.misplaced_advice(stale, status)

@@ -17,15 +17,20 @@ Each experiment is a module in this package with
   is always ``0 .. 2**31 - 1``. ``Params.validate`` adds the checks that involve several parameters.
 
 :func:`run` turns a name, a :class:`~icl.config.Config` and parameters into a cache entry: it builds the
-key inputs, loads the entry if it is there (``use``/``readonly``), and otherwise loads the model once,
-computes and stores. Nothing is written before the request has been validated.
+key inputs, loads the entry if it is there (``use``/``readonly``), and otherwise checks that it can be
+written, loads the model once, computes and stores. Nothing is written before the request has been
+validated. Entries of default parameters live in the main cache (the book's), those of custom
+parameters in the user cache (:meth:`icl.config.Config.results_dir`). :func:`entry_status` says what an
+entry is for the current code: the book's, another model's, a custom run, or stale.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
+import shlex
 import time
 import typing
 from types import ModuleType
@@ -33,7 +38,7 @@ from typing import Any
 
 from icl import models, tasks, timing
 from icl.cache import Cache, Entry, key_of
-from icl.config import Config
+from icl.config import DEFAULT_MODEL, USER_CACHE_DIR, Config
 from icl.errors import CacheMissError, ConfigError, ICLError, ModelUnavailableError, UnknownExperimentError
 
 REGISTRY: dict[str, str] = {
@@ -265,9 +270,22 @@ def describe_params(module: ModuleType) -> list[tuple[str, str, str]]:
     return out
 
 
+def model_info(config: Config, loaded: models.LoadedModel | None = None) -> dict[str, str]:
+    """The model part of a key: id, weights fingerprint and dtype (ModelUnavailableError for a hub model
+    that is not in the local Hugging Face cache, whose revision is unknown)."""
+    spec = loaded.spec if loaded else models.resolve(config.model)
+    model_id = spec.name if spec.source != "local" else f"local:{spec.location.rstrip('/').split('/')[-1]}"
+    return {
+        "id": model_id,
+        "fingerprint": loaded.fingerprint if loaded else models.fingerprint(spec),
+        "dtype": loaded.dtype if loaded else (config.dtype or spec.default_dtype),
+    }
+
+
 def key_inputs(module: ModuleType, params: Any, config: Config,
-               loaded: models.LoadedModel | None = None) -> dict[str, Any]:
-    """Everything that determines the result; its canonical-JSON hash is the cache key."""
+               loaded: models.LoadedModel | None = None, model: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything that determines the result; its canonical-JSON hash is the cache key. ``model``: the
+    model part to use instead of the configured model's (:func:`model_info`)."""
     inputs: dict[str, Any] = {
         "experiment": module.NAME,
         "version": module.VERSION,
@@ -280,17 +298,157 @@ def key_inputs(module: ModuleType, params: Any, config: Config,
     if depends:
         # A derived experiment (a fit to another experiment's result) is keyed by its inputs' keys.
         inputs["depends"] = {
-            dep: key_of(key_inputs(get(dep), make_params(get(dep)), config, loaded)) for dep in depends
+            dep: key_of(key_inputs(get(dep), make_params(get(dep)), config, loaded, model)) for dep in depends
         }
     if module.USES_MODEL:
-        spec = loaded.spec if loaded else models.resolve(config.model)
-        model_id = spec.name if spec.source != "local" else f"local:{spec.location.rstrip('/').split('/')[-1]}"
-        inputs["model"] = {
-            "id": model_id,
-            "fingerprint": loaded.fingerprint if loaded else models.fingerprint(spec),
-            "dtype": loaded.dtype if loaded else (config.dtype or spec.default_dtype),
-        }
+        inputs["model"] = dict(model) if model is not None else model_info(config, loaded)
     return inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryStatus:
+    """What a cache entry is, for the current code and configuration: ``current`` (what the book shows
+    for the configured model), ``other-model`` (default parameters, another model or dtype), ``custom``
+    (other parameters or seed) or ``stale`` (no longer produced by this code: it is never loaded)."""
+
+    state: str
+    detail: str
+
+    @property
+    def valid(self) -> bool:
+        return self.state != "stale"
+
+    def describe(self) -> str:
+        return {"current": "ok", "other-model": "ok, other model:", "custom": "ok, custom run:",
+                "stale": "stale:"}[self.state] + (f" {self.detail}" if self.detail else "")
+
+
+def models_near(entry: Entry) -> list[dict[str, str]]:
+    """The model parts stored in the key inputs of the entries beside ``entry`` (same cache folder)."""
+    found: list[dict[str, str]] = []
+    for meta in sorted(entry.path.parent.parent.glob("*/*/meta.json")):
+        try:
+            model = json.loads(meta.read_text()).get("key_inputs", {}).get("model")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(model, dict) and model not in found:
+            found.append(model)
+    return found
+
+
+def entry_status(entry: Entry, config: Config, candidates: list[dict[str, str]] | None = None) -> EntryStatus:
+    """Classify a (verified) entry by re-deriving its key from its own parameters and model with the
+    current code. ``candidates``: model parts to try for an experiment that stores none but whose
+    dependencies used a model (e.g. bayes_fit); default: those of the entries beside it. The
+    configured model is always tried."""
+    if candidates is None:
+        known = entry.experiment in REGISTRY
+        candidates = models_near(entry) if known and uses_model(get(entry.experiment)) else []
+    try:
+        module = get(entry.experiment)
+    except UnknownExperimentError:
+        return EntryStatus("stale", f"this version has no experiment {entry.experiment!r}")
+    ki = entry.key_inputs
+    if ki.get("version") != module.VERSION:
+        return EntryStatus("stale", f"computed by version {ki.get('version')} of {module.NAME}; the code is at "
+                                    f"version {module.VERSION}")
+    try:
+        stored = {k: tuple(v) if isinstance(v, list) else v for k, v in ki.get("params", {}).items()}
+        params = module.Params(**stored)
+    except TypeError:
+        return EntryStatus("stale", "its parameters are not those of the current code")
+    try:
+        current_model = model_info(config)
+    except ICLError:
+        current_model = None
+    if ki.get("model") is not None:
+        tries = [ki["model"]]
+    else:
+        tries = [current_model] if uses_model(module) else [None]
+        tries += [c for c in candidates if c not in tries] if uses_model(module) else []
+    for model in tries:
+        if uses_model(module) and model is None:
+            continue
+        try:
+            if key_of(key_inputs(module, params, config, model=model)) != entry.key:
+                continue
+        except (ICLError, ValueError, TypeError):
+            return EntryStatus("stale", "its parameters are no longer allowed")
+        if not is_default(module, params):
+            flags = command_for(module.NAME, params, Config(model=DEFAULT_MODEL)).split(f"run {module.NAME}", 1)[1]
+            on = f" on {model['id']}" if model is not None else ""
+            return EntryStatus("custom", f"{flags.strip()}{on}")
+        if model is None or model == current_model:
+            return EntryStatus("current", "")
+        return EntryStatus("other-model", f"{model['id']} ({model['dtype']})")
+    return EntryStatus("stale", "its prompts, data or dependencies have changed since it was computed")
+
+
+def misplaced_advice(entry: Entry, status: EntryStatus) -> str:
+    """What to do about an entry that does not belong in the main cache (custom or stale)."""
+    rel = entry.path
+    if status.state == "custom":
+        return (f"{rel} is a custom run ({status.detail}), not a result the book shows. Custom runs belong in "
+                f"the user cache ({USER_CACHE_DIR}), where `python -m icl run` puts them unless ICL_CACHE_DIR "
+                f"is set; move it there or delete it (rm -r {rel})")
+    if status.state == "stale":
+        return (f"{rel} is stale ({status.detail}) and is never loaded; delete it (rm -r {rel}) and recompute "
+                f"with: python -m icl run {entry.experiment}")
+    return f"{rel}: {status.describe()}"
+
+
+def uses_model(module: ModuleType) -> bool:
+    """Whether the experiment's result depends on a pretrained model (its own, or a dependency's)."""
+    return bool(module.USES_MODEL or any(uses_model(get(dep)) for dep in getattr(module, "DEPENDS", ())))
+
+
+def cache_for(module: ModuleType, params: Any, config: Config) -> Cache:
+    """The cache an entry lives in: the main one for default parameters, the user cache for custom ones
+    (see :meth:`icl.config.Config.results_dir`)."""
+    return Cache(config.results_dir(custom=not is_default(module, params)))
+
+
+def command_for(name: str, params: Any, config: Config) -> str:
+    """The command that computes this entry: ``python -m icl run NAME [--model M] [--seed S] [--set k=v]``."""
+    module = get(name)
+    defaults = module.Params()
+    parts = ["python", "-m", "icl", "run", name]
+    if uses_model(module):
+        if config.model != DEFAULT_MODEL:
+            parts += ["--model", config.model]
+        for flag, value in (("--device", config.device), ("--dtype", config.dtype)):
+            if value:
+                parts += [flag, value]
+    if params.seed != defaults.seed:
+        parts += ["--seed", str(params.seed)]
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if f.name != "seed" and value != getattr(defaults, f.name):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            parts += ["--set", f"{f.name}={shown}"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def is_cached(name: str, config: Config, params: Any = None) -> bool:
+    """Whether a valid entry is there (False where the key cannot be known without loading a model).
+    A corrupt entry raises, as it would in :func:`run`."""
+    module = get(name)
+    params = params if params is not None else make_params(module)
+    try:
+        inputs = key_inputs(module, params, config)
+    except ModelUnavailableError:
+        return False
+    return cache_for(module, params, config).load(inputs) is not None
+
+
+def check_writable(name: str, config: Config, params: Any = None) -> None:
+    """Raise CacheDirError unless everything a run of ``name`` may write can be written: its own
+    entry and the default-parameter entries of its dependencies."""
+    module = get(name)
+    params = params if params is not None else make_params(module)
+    cache_for(module, params, config).check_writable(name)
+    for dep in getattr(module, "DEPENDS", ()):
+        check_writable(dep, config)
 
 
 def run(name: str, config: Config, params: Any = None, progress: bool = False,
@@ -298,12 +456,13 @@ def run(name: str, config: Config, params: Any = None, progress: bool = False,
     """Return the cache entry for ``name`` (computing it if the mode allows) and the model, if loaded."""
     module = get(name)
     params = params if params is not None else make_params(module)
-    cache = Cache(config.cache_dir)
+    cache = cache_for(module, params, config)
     try:
         inputs = key_inputs(module, params, config, loaded)
     except ModelUnavailableError:
-        if config.cache_mode == "readonly" or not module.USES_MODEL:
+        if config.cache_mode == "readonly" or not module.USES_MODEL or models.resolve(config.model).source != "hub":
             raise
+        check_writable(name, config, params)
         loaded = models.load(config)  # a hub model not yet downloaded: its revision is known after loading
         inputs = key_inputs(module, params, config, loaded)
     if config.cache_mode != "refresh":
@@ -312,11 +471,12 @@ def run(name: str, config: Config, params: Any = None, progress: bool = False,
             return entry, loaded
         if config.cache_mode == "readonly":
             model = inputs["model"]["id"] if inputs["model"] else "no model"
+            custom = "" if is_default(module, params) else ", custom parameters"
             raise CacheMissError(
-                f"no cached result for experiment {name!r} ({model}, seed {params.seed}) in {config.cache_dir}; "
-                f"compute it with: python -m icl run {name}"
-                + (f" --model {config.model}" if module.USES_MODEL and config.model != "smollm2-135m" else "")
+                f"no cached result for experiment {name!r} ({model}, seed {params.seed}{custom}) in "
+                f"{cache.root}; compute it with: {command_for(name, params, config)}"
             )
+    check_writable(name, config, params)  # before any model load or compute
     upstream = {}
     for dep in getattr(module, "DEPENDS", ()):
         upstream[dep], loaded = run(dep, config.with_(cache_mode="use") if config.cache_mode == "refresh"
