@@ -141,3 +141,43 @@ def test_entry_status_tells_other_models_custom_runs_and_stale_entries_apart(tmp
     status = experiments.entry_status(stale, tiny)
     assert status.state == "stale" and "prompts, data or dependencies have changed" in status.detail
     assert "never loaded" in experiments.misplaced_advice(stale, status)
+
+
+def _small(name, tmp_path):
+    """Small settings of a slow-to-start experiment, and the extra arguments its compute needs."""
+    from icl.cache import Cache
+    from icl.experiments import icl_regression
+
+    if name == "contexts_to_weights":
+        p = dataclasses.replace(icl_regression.Params(), steps=10, d_model=16, n_layers=1, n_heads=2, n_eval=20,
+                                n_boot=20, lsa_steps=5, warmup=5)
+        arrays, data = icl_regression.compute(p)
+        upstream = Cache(tmp_path).store(experiments.key_inputs(icl_regression, p, Config()), arrays, data)
+        return {"ks": "1", "lrs": "0.01", "steps": "2", "record": "2", "n_contexts": "2", "n_query": "2"}, \
+            {"upstream": {"icl_regression": upstream}}
+    return {
+        "ablation": {"tasks": "plus-1", "procedure_task": "plus-1", "n_pairs": "3", "k": "3", "n_boot": "20",
+                     "threshold": "0.01", "iterations": "1"},
+        "patching": {"tasks": "plus-1,identity", "n_pairs": "3", "k": "3", "n_boot": "20"},
+        "logit_lens": {"tasks": "identity,plus-1", "n_prompts": "2", "k": "3", "n_boot": "20"},
+        "induction_heads": {"n_seqs": "3", "half": "10", "tasks": "identity", "n_prompts": "2", "k": "3",
+                            "token_low": "0", "token_high": "256", "n_boot": "20"},
+        "slt_free_energy": {"n_points": "5", "log10_n_max": "3", "fit_log10_n_min": "1.5",
+                            "fit_large_log10_n_min": "2", "data_log10_n": "2", "n_datasets": "2", "n_boot": "20"},
+    }[name], {}
+
+
+@pytest.mark.parametrize("name", ["ablation", "patching", "logit_lens", "induction_heads", "contexts_to_weights",
+                                  "slt_free_energy"])
+def test_long_experiments_report_progress(name, tmp_path, tiny_llama, capsys):
+    """With progress on (as `python -m icl run` sets it) every stage says what it is doing; off, nothing."""
+    module = experiments.get(name)
+    overrides, extra = _small(name, tmp_path)
+    params = experiments.make_params(module, overrides)
+    model = tiny_llama if module.USES_MODEL else None
+    capsys.readouterr()
+    module.compute(params, model, progress=True, **extra)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"{name}: ")]
+    assert len(lines) >= 2, lines
+    module.compute(params, model, progress=False, **extra)
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"{name}: ")]

@@ -31,10 +31,11 @@ import importlib
 import json
 import math
 import shlex
+import sys
 import time
 import typing
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 from icl import models, tasks, timing
 from icl.cache import Cache, Entry, key_of
@@ -127,6 +128,18 @@ def _fmt(v: float | None) -> str:
     if v is None:
         return "any"
     return f"{v:,}" if isinstance(v, int) and abs(v) >= 10_000 else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def reporter(name: str, progress: bool) -> Callable[[str], None]:
+    """``say(message)``: one ``name: message`` line on stderr per stage of a long compute when
+    ``progress`` is on (``python -m icl run`` turns it on), nothing otherwise."""
+    if not progress:
+        return lambda message: None
+
+    def say(message: str) -> None:
+        print(f"{name}: {message}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def limits(module: ModuleType) -> dict[str, Limit]:

@@ -31,7 +31,7 @@ import torch
 from icl import attention_algebra as aa
 from icl import regression as rg
 from icl import timing
-from icl.experiments import between, each_float, each_int
+from icl.experiments import between, each_float, each_int, reporter
 
 NAME = "contexts_to_weights"
 VERSION = 1
@@ -99,8 +99,10 @@ def compute(params: Params, model: Any = None, progress: bool = False,
         net = icl_regression.load_model(reg_entry)
         d = reg_entry.data["params"]["d"]
         ks, lrs, record = [int(k) for k in p.ks], [float(x) for x in p.lrs], [int(n) for n in p.record]
+        say = reporter(NAME, progress)
         t = contexts(p)
         nK, nL, nR, C, m = len(ks), len(lrs), len(record), p.n_contexts, p.n_query
+        say(f"in-context predictions for k in {ks}, {C} contexts x {m} queries")
         icl = np.zeros((nK, C, m))
         ft = np.zeros((nK, nL, nR, C, m))
         truth = t.yq.numpy()
@@ -108,6 +110,7 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             base = net.predict(t.X[:, :0], t.y[:, :0], t.Xq).numpy()  # T_w(x): no context
             for a, k in enumerate(ks):
                 icl[a] = net.predict(t.X[:, :k], t.y[:, :k], t.Xq).numpy()
+        say(f"fine-tuning {nK * nL * C} model copies for {p.steps} steps (k x learning rate x context)")
         start = time.perf_counter()
         # every (k, lr, context) is one copy of the model; all are fine-tuned together
         K = max(ks)
@@ -143,6 +146,7 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             best[str(k)] = {"lr": lrs[b], "steps": record[r], "gap": float(gap[a, b, r]),
                             "gap_no_update": float(gap0[a]), "finetune_error": float(ft_err[a, b, r]),
                             "icl_error": float(icl_err[a])}
+        say("modified-keys check of the attention algebra")
         mk = {name: aa.modified_keys_error(np.asarray(SCALES), value_noise=vn, seed=p.seed)
               for name, vn in (("same_values", 0.0), ("value_noise", p.value_noise))}
         for name, res in mk.items():

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from icl import patching, tasks
-from icl.experiments import TASKS, between
+from icl.experiments import TASKS, between, reporter
 from icl.runner import LlamaStack
 from icl.stats import first_at_least, resampled_means
 
@@ -121,7 +121,11 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     arrays: dict[str, np.ndarray] = {}
     summary: dict[str, Any] = {}
     q_tokens = None
-    for name, prompts in prompts_for(params).items():
+    say = reporter(NAME, progress)
+    suite = prompts_for(params)
+    for t, (name, prompts) in enumerate(suite.items(), 1):
+        say(f"task {t}/{len(suite)} {name}: {len(prompts)} pairs, residual/attention/MLP patches at every "
+            f"layer and query position")
         pairs = patching.make_pairs(tok, prompts)
         acts, logp_a = patching.a_activations(model.bridge, tok, pairs)
         grid = patching.fast_patch(stack, pairs, acts)
