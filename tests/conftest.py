@@ -14,6 +14,12 @@ from icl.config import REPO_ROOT, Config
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    unmarked = [item.nodeid for item in items if "smol" in getattr(item, "fixturenames", ()) and
+                "slow" not in item.keywords]
+    if unmarked:  # the real model takes a conversion and seconds per test: `-m "not slow"` must skip it
+        raise pytest.UsageError("tests that load the real model (fixture smol) must be marked slow: "
+                                + ", ".join(unmarked))
+
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:

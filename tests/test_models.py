@@ -35,6 +35,7 @@ def test_resolve_names(tmp_path):
         models.resolve(str(empty))
 
 
+@pytest.mark.slow
 def test_default_model_shape_and_fingerprint(smol):
     assert (smol.n_layers, smol.n_heads, smol.n_kv_heads, smol.d_model) == (30, 9, 3, 576)
     assert smol.fingerprint == f"gguf-sha256:{models.REGISTRY['smollm2-135m'].gguf_sha256}"
@@ -42,6 +43,7 @@ def test_default_model_shape_and_fingerprint(smol):
     assert smol.tokenizer(PROMPT).input_ids[0] != smol.tokenizer.bos_token_id  # no BOS added
 
 
+@pytest.mark.slow
 def test_default_model_bridge_logits_equal_hf(smol):
     folder = models.ensure_checkpoint(smol.spec, Config.from_env().models_dir)
     ids = torch.tensor([smol.tokenizer(PROMPT).input_ids])

@@ -121,7 +121,8 @@ def cmd_list(params: list[str] | None = None) -> int:
     print("tasks:")
     for name, task in tasks.SUITE.items():
         print(f"  {name:<14} {task.rule}")
-    print(f"  {'affine:A,B':<14} y = A x + B, any integers |A| <= {tasks.AFFINE_LIMIT[0]}, |B| <= {tasks.AFFINE_LIMIT[1]}")
+    a_max, b_max = tasks.AFFINE_LIMIT
+    print(f"  {'affine:A,B':<14} y = A x + B, any integers |A| <= {a_max}, |B| <= {b_max}")
     print("parameters of each experiment: python -m icl list --params [NAME ...]")
     return 0
 
