@@ -195,3 +195,20 @@ def test_gpu_hint_names_the_default_model_only_for_other_models():
     assert "--device cpu" in str(err.value) and "default model" not in str(err.value)
     with pytest.raises(DeviceUnavailableError, match="or the default model smollm2-135m"):
         models.resolve_device(models.resolve("llama-3-8b"), None)
+
+
+def test_unwritable_models_dir_is_refused_before_converting(tmp_path, monkeypatch):
+    import os
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    monkeypatch.setattr(models, "gguf_path", lambda spec: pytest.fail("started converting"))
+    try:
+        if os.geteuid() == 0:  # root writes anyway; emulate what os.access reports to anyone else
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p) == str(folder) else real(p, m, **k))
+        with pytest.raises(ModelUnavailableError, match="is not writable"):
+            models.ensure_checkpoint(models.REGISTRY["smollm2-135m"], folder)
+    finally:
+        folder.chmod(0o755)

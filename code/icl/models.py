@@ -258,6 +258,14 @@ def ensure_checkpoint(spec: ModelSpec, models_dir: Path) -> Path:
     folder = models_dir / f"{spec.name}-{spec.gguf_sha256[:12]}"  # type: ignore[index]
     if folder.is_dir() and verify_checkpoint(folder):
         return folder
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelUnavailableError(f"cannot create ICL_MODELS_DIR {models_dir} for the converted checkpoint: "
+                                    f"{exc.strerror or exc}") from None
+    if not os.access(models_dir, os.W_OK | os.X_OK):
+        raise ModelUnavailableError(f"ICL_MODELS_DIR {models_dir} is not writable, and the embedded model must "
+                                    "be converted there once; point ICL_MODELS_DIR at a folder you can write")
     source = gguf_path(spec)
     digest = _sha256_file(source)
     if digest != spec.gguf_sha256:
