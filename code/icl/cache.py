@@ -118,8 +118,8 @@ def restore_advice(path: Path) -> str:
     if tracked:
         rel = path.relative_to(Path(top).resolve()) if path.is_relative_to(Path(top).resolve()) else path
         where = "" if Path.cwd().resolve() == Path(top).resolve() else f"-C {top} "
-        return f"it is committed: restore it with `git {where}checkout -- {rel}`"
-    return f"delete it (rm -r {path}) and run the same command again to recompute it"
+        return f"It is committed: restore it with `git {where}checkout -- {rel}`"
+    return f"Delete it (rm -r {path}) and run the same command again to recompute it"
 
 
 class Vanished(FileNotFoundError):
