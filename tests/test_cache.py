@@ -181,21 +181,36 @@ def test_reseal_moves_a_field_and_rewrites_the_checksums(tmp_path):
         cache.reseal(entry.path, lambda m: m["key_inputs"].update(seed=3))
 
 
-def test_corrupt_advice_depends_on_whether_the_entry_is_committed(tmp_path):
+def test_corrupt_advice_depends_on_whether_the_entry_is_committed(tmp_path, monkeypatch):
     """A committed entry is restored from git in an instant; an uncommitted one is deleted and
     recomputed. --force is not suggested (it would not repair a corrupt dependency)."""
-    import glob
+    import shutil
+    import subprocess
 
     from icl.cache import restore_advice
-    from icl.config import REPO_ROOT
 
-    committed = Path(glob.glob(str(REPO_ROOT / "cache" / "surprisal" / "*"))[0])
-    assert "git" in restore_advice(committed) and "checkout -- cache/surprisal/" in restore_advice(committed)
-    cache = Cache(tmp_path)
-    entry = _store(cache)
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    cache = Cache(repo / "cache")
+    committed = _store(cache)
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("add", "cache")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "entry")
+    rel = committed.path.relative_to(repo)
+    monkeypatch.chdir(repo)
+    assert restore_advice(committed.path) == f"It is committed: restore it with `git checkout -- {rel}`"
+    monkeypatch.chdir(tmp_path)
+    assert f"`git -C {repo} checkout -- {rel}`" in restore_advice(committed.path)
+    (committed.path / "arrays.npz").write_bytes(b"x")
+    with pytest.raises(CacheCorruptError, match="It is committed: restore it with `git -C"):
+        cache.load(INPUTS)
+    other = Cache(tmp_path / "untracked")
+    entry = _store(other)
     (entry.path / "arrays.npz").write_bytes(b"x")
     with pytest.raises(CacheCorruptError) as err:
-        cache.load(INPUTS)
+        other.load(INPUTS)
     assert f"rm -r {entry.path}" in str(err.value) and "--force" not in str(err.value)
 
 
