@@ -14,11 +14,29 @@ from icl.config import REPO_ROOT, Config
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    unmarked = [item.nodeid for item in items if "smol" in getattr(item, "fixturenames", ()) and
+                "slow" not in item.keywords]
+    if unmarked:  # the real model takes a conversion and seconds per test: `-m "not slow"` must skip it
+        raise pytest.UsageError("tests that load the real model (fixture smol) must be marked slow: "
+                                + ", ".join(unmarked))
+
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_icl_settings():
+    """The suite runs the same whatever ICL_* variables the user has set (ICL_DEVICE=cuda, an
+    ICL_CACHE_DIR elsewhere, ...): they are removed for the whole session, subprocesses included.
+    ICL_MODELS_DIR stays, so the converted default model is reused from where it is."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in list(os.environ):
+            if var.startswith("ICL_") and var != "ICL_MODELS_DIR":
+                mp.delenv(var)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +73,23 @@ def clean_env(monkeypatch):
         if var.startswith("ICL_") and var != "ICL_MODELS_DIR":
             monkeypatch.delenv(var, raising=False)
     return monkeypatch
+
+
+def _timing_keys(obj, path=""):
+    """Keys anywhere in a JSON result that look like wall-clock timings (which belong in provenance)."""
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            here = f"{path}.{k}" if path else str(k)
+            if "seconds" in str(k) or str(k).endswith("_s") or str(k) in ("elapsed", "duration"):
+                found.append(here)
+            found += _timing_keys(v, here)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found += _timing_keys(v, f"{path}[{i}]")
+    return found
+
+
+@pytest.fixture(scope="session")
+def timing_keys():
+    return _timing_keys

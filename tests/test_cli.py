@@ -1,5 +1,7 @@
-"""The command line: one-line errors with exit status 2 and nothing written; list; cache status/verify."""
+"""The command line: one-line errors with exit status 2, before any model load, and nothing written;
+list (and its parameters); run (where results go, what it prints); cache status/verify."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,10 +23,25 @@ def _run(args, tmp_path, **env):
     (["run", "surprisal", "--model", "gpt-17"], "unknown model 'gpt-17'"),
     (["run", "surprisal", "--set", "tasks=identity,triple"], "unknown task 'triple'"),
     (["run", "surprisal", "--set", "colour=blue"], "has no parameter 'colour'"),
-    (["run", "surprisal", "--set", "n_prompts=many"], "not a valid"),
+    (["run", "surprisal", "--set", "n_prompts=many"], "n_prompts='many' is not an integer; allowed: 2 .. 2000"),
     (["run", "surprisal", "--dtype", "float8"], "dtype must be one of"),
+    (["run", "surprisal", "--set", "n_boot=0"], "n_boot=0 is out of range; allowed: 20 .. 10,000"),
+    (["run", "surprisal", "--set", "n_boot=-3"], "n_boot=-3 is out of range"),
+    (["run", "bayes_fit", "--set", "n_boot=0"], "bayes_fit: parameter n_boot=0 is out of range"),
+    (["run", "surprisal", "--seed", "-1"], "seed=-1 is out of range"),
+    (["run", "surprisal", "--set", "k=3000"], "k=3000 is out of range; allowed: 1 .. 99"),
+    (["run", "surprisal", "--set", "tasks="], "tasks= is empty"),
+    (["run", "surprisal", "--set", "n_prompts=100000000"], "n_prompts=100000000 is out of range"),
+    (["run", "surprisal", "--set", "tasks=affine-3x+1"], "unknown task 'affine-3x+1': use a task of the suite"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(args, message, tmp_path, capsys, monkeypatch):
+    """Refused before any model is loaded or anything is computed or written."""
+    from icl import models
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded for a bad request")
+
+    monkeypatch.setattr(models, "load", forbidden)
     monkeypatch.setenv("ICL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("ICL_CACHE", raising=False)
     code = cli.main(args)
@@ -68,6 +85,179 @@ def test_corrupt_entry_is_refused_and_reported(tmp_path, monkeypatch, capsys, ti
     code = cli.main(["run", "surprisal", "--model", str(tiny_llama.spec.location), "--dtype", "float32",
                      "--set", "tasks=identity", "--set", "n_prompts=2", "--set", "k=3"])
     err = capsys.readouterr().err
-    assert code == 2 and "is corrupt" in err and "--force" in err
+    assert code == 2 and "is corrupt" in err and f"rm -r {entry.path}" in err and "--force" not in err
     assert cli.main(["cache", "verify"]) == 1
     assert "CORRUPT" in capsys.readouterr().out
+
+
+def _isolated(monkeypatch, tmp_path):
+    """The main cache, the user cache and no ICL_CACHE_DIR, as for a user with default settings."""
+    from icl import config
+
+    monkeypatch.delenv("ICL_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ICL_CACHE", raising=False)
+    monkeypatch.setattr(config, "DEFAULT_CACHE_DIR", tmp_path / "main")
+    monkeypatch.setattr(config, "USER_CACHE_DIR", tmp_path / "user")
+    return tmp_path / "main", tmp_path / "user"
+
+
+def _tiny_args(tiny_llama, *more):
+    return ["run", "surprisal", "--model", str(tiny_llama.spec.location), "--dtype", "float32",
+            "--set", "tasks=identity", "--set", "k=3", *more]
+
+
+def test_custom_runs_go_to_the_user_cache(tmp_path, monkeypatch, capsys, tiny_llama):
+    """The README's `run surprisal --force --seed 1 --set n_prompts=20` does not touch the main cache
+    (committed for the default model), and the path it prints is one the user can open."""
+    from icl import models
+
+    main, user = _isolated(monkeypatch, tmp_path)
+    monkeypatch.setattr(models, "load", lambda *a, **k: tiny_llama)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(_tiny_args(tiny_llama, "--force", "--seed", "1", "--set", "n_prompts=2")) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("surprisal: computed -> user/surprisal/") and not main.exists()
+    assert len(list((user / "surprisal").iterdir())) == 1
+    # readonly finds it there too, and a miss names the whole command, --set options included
+    monkeypatch.setenv("ICL_CACHE", "readonly")
+    assert cli.main(_tiny_args(tiny_llama, "--seed", "1", "--set", "n_prompts=2")) == 0
+    assert cli.main(_tiny_args(tiny_llama, "--seed", "2", "--set", "n_prompts=2")) == 2
+    err = capsys.readouterr().err
+    assert f"--dtype float32 --seed 2 --set tasks=identity --set n_prompts=2 --set k=3" in err
+    assert "custom parameters" in err and str(user) in err
+
+
+def test_explicit_cache_dir_takes_every_result_and_paths_are_absolute_outside_cwd(
+        tmp_path, monkeypatch, capsys, tiny_llama):
+    from icl import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: tiny_llama)
+    monkeypatch.setenv("ICL_CACHE_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.delenv("ICL_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path.parent)
+    other = tmp_path.parent / "cwd"
+    other.mkdir(exist_ok=True)
+    monkeypatch.chdir(other)
+    assert cli.main(_tiny_args(tiny_llama, "--set", "n_prompts=2")) == 0
+    out = capsys.readouterr().out
+    assert f"-> {tmp_path / 'elsewhere' / 'surprisal'}/" in out
+
+
+def test_cache_dir_that_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out = _run(["run", "surprisal"], tmp_path, ICL_CACHE_DIR=str(afile))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith(f"error: the cache folder {afile} is a file, not a folder")
+    assert afile.read_text() == ""
+
+
+def test_unwritable_cache_is_refused_before_any_model_load(tmp_path, monkeypatch, capsys):
+    import os
+
+    from icl import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded a model first"))
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.geteuid() == 0:  # root writes anyway; emulate what os.access reports to anyone else
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p) == str(folder) else real(p, m, **k))
+        monkeypatch.setenv("ICL_CACHE_DIR", str(folder / "cache"))
+        monkeypatch.delenv("ICL_CACHE", raising=False)
+        assert cli.main(["run", "slt_free_energy", "--set", "n_datasets=2"]) == 2
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write results under") and "is not writable" in err
+    assert list(folder.iterdir()) == []
+
+
+def test_local_folder_with_empty_config_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """The 'not a checkpoint' error is not swallowed by the fallback for hub models."""
+    from icl import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("tried to load the folder"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setenv("ICL_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli.main(["run", "surprisal", "--model", str(folder), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a Hugging Face model config" in err and err.count("\n") == 1
+    assert not (tmp_path / "cache").exists()
+
+
+def test_list_into_a_closed_pipe_is_quiet(tmp_path):
+    """`python -m icl list | head -1`: no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "icl", "list", "--params"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "ICL_CACHE_DIR": str(tmp_path)})
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away before most of the output is written
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err and err == ""
+    assert proc.returncode == 141
+
+
+def test_parameters_are_listed_with_defaults_and_allowed_values(tmp_path):
+    out = _run(["list", "--params", "surprisal"], tmp_path)
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0] == "parameters of surprisal (--set KEY=VALUE, --seed S):"
+    assert any(line.split() == ["n_prompts", "default", "100"] for line in lines)
+    assert "allowed: 2 .. 2000" in out.stdout and "affine:A,B" in out.stdout
+    every = _run(["list", "--params"], tmp_path)
+    assert all(f"parameters of {name} " in every.stdout for name in cli.experiments.names())
+    helped = _run(["run", "patching", "--help"], tmp_path)
+    assert helped.returncode == 0 and "parameters of patching" in helped.stdout
+    assert "threshold" in helped.stdout and "allowed: 0.01 .. 1" in helped.stdout
+    bad = _run(["list", "--params", "nope"], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown experiment 'nope'")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "surprisal", "--set", "k=3", "--set", "k=4"], "--set k is given twice"),
+    (["run", "surprisal", "--set", "=3"], "--set expects KEY=VALUE"),
+    (["run", "all", "--seed", "3"], "apply to one experiment, not 'all'"),
+    (["run", "surprisal", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+])
+def test_usage_errors_are_one_line(args, message, tmp_path):
+    out = _run(args, tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr
+    assert out.stderr.count("\n") == 1 and not (tmp_path / "cache").exists()
+
+
+def test_cache_status_labels_entries_by_what_they_are(tmp_path, monkeypatch, capsys, tiny_llama):
+    """Valid entries for other parameters or models are not called stale; entries of older code are;
+    with a model whose keys are unknown here, its entries count as missing."""
+    from icl import experiments, models
+    from icl.cache import Cache
+    from icl.config import Config
+    from icl.experiments import bayes_toy
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: tiny_llama)
+    main, user = _isolated(monkeypatch, tmp_path)
+    tiny = str(tiny_llama.spec.location)
+    custom = experiments.make_params(experiments.get("surprisal"), {"tasks": "identity", "n_prompts": "2", "k": "3"})
+    experiments.run("surprisal", Config.from_env(model=tiny, dtype="float32"), custom, loaded=tiny_llama)
+    toy = dataclasses.replace(bayes_toy.Params(), steps=20, eval_every=10, n_eval=8, k=4)
+    old, _ = experiments.run("bayes_toy", Config.from_env(), toy)
+    # an entry written by an older version of the code: version 0
+    stale_inputs = {**old.key_inputs, "version": 0}
+    Cache(user).store(stale_inputs, old.arrays, old.data)
+    assert cli.main(["cache", "status"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0] + ("/stale" if "stale:" in line else ""): line for line in out.splitlines()
+            if line.startswith(("surprisal", "bayes_toy"))}
+    assert "ok, custom run: --set tasks=identity --set n_prompts=2 --set k=3 on local:" in rows["surprisal"]
+    assert "ok, custom run: --set k=4 --set steps=20 --set eval_every=10" in rows["bayes_toy"]
+    assert "stale: computed by version 0 of bayes_toy; the code is at version 1" in rows["bayes_toy/stale"]
+    assert "(1 stale, 0 corrupt), 16 missing for smollm2-135m" in out
+    monkeypatch.setenv("ICL_MODEL", "llama-3-8b")
+    assert cli.main(["cache", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "missing for llama-3-8b, keys not known yet: surprisal, bayes_fit" in out
+    assert "16 missing for llama-3-8b" in out

@@ -42,8 +42,9 @@ def test_learning_rate_zero_is_the_no_context_prediction(small_run):
     assert np.allclose(arrays["train_loss"][:, 0, -1], arrays["train_loss"][:, 0, 0])
 
 
-def test_weights_restored_and_deterministic(small_run):
+def test_weights_restored_and_deterministic(small_run, timing_keys):
     (a1, d1), (a2, d2), before, after = small_run
+    assert d1 == d2 and timing_keys(d1) == []  # timings go to provenance (icl.timing), not results
     assert d1["weights_restored"] and d2["weights_restored"]
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert a1.keys() == a2.keys()

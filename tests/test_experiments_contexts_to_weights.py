@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from icl import experiments
+from icl import experiments, timing
 from icl.cache import Cache
 from icl.config import Config
 from icl.experiments import contexts_to_weights as cw
@@ -22,10 +22,13 @@ def upstream(tmp_path_factory):
     return Cache(tmp_path_factory.mktemp("cache")).store(inputs, arrays, data)
 
 
-def test_small_sweep(upstream):
+def test_small_sweep(upstream, timing_keys):
     p = dataclasses.replace(cw.Params(), ks=("1", "3"), lrs=("0", "0.001", "10"), steps=4, record=("1", "4"),
                             n_contexts=3, n_query=5)
-    arrays, data = cw.compute(p, upstream={"icl_regression": upstream})
+    with timing.collect() as times:
+        arrays, data = cw.compute(p, upstream={"icl_regression": upstream})
+        _, again = cw.compute(p, upstream={"icl_regression": upstream})
+    assert data == again and timing_keys(data) == [] and set(times) == {"finetune_seconds"}
     assert arrays["gap"].shape == (2, 3, 2)
     # learning rate 0: the weights do not move, the gap is the gap with no update
     assert np.allclose(arrays["gap"][:, 0, :], arrays["gap_no_update"][:, None], rtol=1e-5)

@@ -5,6 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from icl import timing
+from icl.stats import bootstrap_mean_ci
 from icl.experiments import icl_regression as ir
 
 
@@ -33,6 +35,14 @@ def test_curves_for_every_estimator(small):
     assert data["errors"]["ridge"][str(p.max_k - 1)][0] == pytest.approx(r[-1])
 
 
+def test_no_timing_in_the_results(small, timing_keys):
+    p, (arrays, data) = small
+    assert timing_keys(data) == []
+    with timing.collect() as times:
+        ir.lsa_checks(dataclasses.replace(p, lsa_steps=5))
+    assert set(times) == {"lsa_train_seconds"}
+
+
 def test_lsa_identities_and_trained_layer(small):
     p, (arrays, data) = small
     lsa = data["lsa"]
@@ -59,3 +69,17 @@ def test_model_round_trip_from_arrays(small):
     X = torch.randn(2, 4, p.d)
     y = torch.randn(2, 4)
     assert model.predict_all(X, y).shape == (2, 4)
+    # the model rebuilt from the stored arrays is the trained one: on the evaluation set it gives exactly
+    # the stored error curve
+    ev, _ = ir.eval_tasks(p)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(ir.THREADS)  # as compute ran it
+    try:
+        with torch.no_grad():
+            pred = model.predict_all(ev.X, ev.y).double().numpy()
+    finally:
+        torch.set_num_threads(threads)
+    truth = torch.einsum("nkd,nd->nk", ev.X.double(), ev.w.double()).numpy()
+    mean, _, _ = bootstrap_mean_ci((pred - truth) ** 2 / p.d, n_boot=p.n_boot, seed=p.seed)
+    assert np.array_equal(mean, arrays["transformer.mean"])
+    assert not np.array_equal(mean, arrays["zero.mean"])

@@ -32,9 +32,23 @@ def test_runs_on_random_model(tiny_llama):
                                            "k": "3", "token_low": "0", "token_high": "256", "n_boot": "50"})
     arrays, data = exp.compute(params, tiny_llama)
     assert arrays["prefix_matching"].shape == arrays["copying"].shape == (3, 8)
-    assert ((arrays["previous_token"] >= 0) & (arrays["previous_token"] <= 1)).all()
     assert arrays["identity.to_answers"].shape == (3, 8)
     assert (arrays["identity.to_first_answer_token"] <= arrays["identity.to_answers"] + 1e-6).all()
+    # the values, recomputed another way: one cached bridge pass over all repeated sequences
+    tok, bridge = tiny_llama.tokenizer, tiny_llama.bridge
+    bos = list(tok("", add_special_tokens=True)["input_ids"])
+    ids = torch.cat([torch.tensor([bos] * params.n_seqs, dtype=torch.long).reshape(params.n_seqs, len(bos)),
+                     torch.tensor(exp.random_tokens(params), dtype=torch.long)], 1)
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+    loss = -torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    assert np.allclose(arrays["loss_per_token.mean"], loss.mean(0).numpy(), atol=1e-5)
+    for layer in range(3):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+        assert np.allclose(arrays["prefix_matching"][layer], heads.prefix_matching_score(pattern, ids), atol=1e-5)
+        assert np.allclose(arrays["previous_token"][layer], heads.previous_token_score(pattern), atol=1e-5)
+    half = loss[:, len(bos):len(bos) + params.half - 1].mean()
+    assert data["loss_first_half"][0] == pytest.approx(float(half), abs=1e-5)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """The llc_phase_change experiment: the checkpoint hook leaves training unchanged (bit for bit, against the
-cached phase_change run where it exists), the control-variate loss is exact, and a small run gives
+committed phase_change run), the control-variate loss is exact, and a small run gives
 finite, deterministic LLC estimates that are negative far from a minimum and positive once the loss
 settles."""
 
@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from icl import experiments, toymodels as tm
-from icl.config import Config
-from icl.errors import CacheMissError
+from icl import experiments, timing, toymodels as tm
+from icl.config import REPO_ROOT, Config
 from icl.experiments import llc_phase_change as lpc
 from icl.experiments import phase_change as pc
+
+# The committed cache, wherever the user's ICL_CACHE_DIR points.
+COMMITTED = Config(cache_mode="readonly", cache_dir=REPO_ROOT / "cache")
 
 
 def _train(p: pc.Params, hook=None):
@@ -38,12 +40,9 @@ def test_checkpoint_hook_does_not_change_training():
 
 @pytest.mark.slow
 def test_rerun_reproduces_the_cached_phase_change_run_exactly():
-    """The first 200 steps at phase_change's default settings equal the cached run's, bit for bit (no
+    """The first 200 steps at phase_change's default settings equal the committed run's, bit for bit (no
     learning-rate schedule, so a shorter run is a prefix of the full one)."""
-    try:
-        entry, _ = experiments.run("phase_change", Config.from_env().with_(cache_mode="readonly"))
-    except CacheMissError:
-        pytest.skip("no cached phase_change result")
+    entry, _ = experiments.run("phase_change", COMMITTED)  # committed: missing is a failure, not a skip
     p = dataclasses.replace(pc.Params(), steps=200)
     _, log, losses = _train(p, lambda s, m: None)
     assert np.array_equal(np.asarray(losses, np.float32), entry.arrays["L2.train_loss"][:200])
@@ -105,23 +104,21 @@ def test_estimates_are_finite_and_rise_as_training_settles(trained):
 
 
 @pytest.mark.slow
-def test_same_seed_same_result():
+def test_same_seed_same_result(timing_keys):
     p = dataclasses.replace(lpc.Params(), steps=200, eval_every=100, d_model=32, checkpoints=(100, 200),
                             n=128, batch_size=16, num_chains=2, num_steps=40, num_burnin=10)
-    (a1, d1), (a2, d2) = lpc.compute(p), lpc.compute(p)
+    with timing.collect() as times:
+        (a1, d1), (a2, d2) = lpc.compute(p), lpc.compute(p)
+    assert set(times) == {"train_seconds", "llc_seconds"} and timing_keys(d1) == []
     for k in a1:
         assert np.array_equal(a1[k], a2[k]), k
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("train_seconds", "llc_seconds")}
-    assert strip(d1) == strip(d2)
+    assert d1 == d2  # timings are provenance, recorded through icl.timing, not results
 
 
 def test_cached_result_reproduces_phase_change():
-    """The cached default run (if present) retrained the chapter-7 model bit for bit, and its
+    """The committed default run retrained the chapter-7 model bit for bit, and its
     estimates are finite; after the transition window they exceed every value before it."""
-    try:
-        entry, _ = experiments.run("llc_phase_change", Config.from_env().with_(cache_mode="readonly"))
-    except CacheMissError:
-        pytest.skip("no cached llc_phase_change result")
+    entry, _ = experiments.run("llc_phase_change", COMMITTED)
     rep = entry.data["reproduction"]
     assert rep["compared"] and rep["final_weights_equal"] and rep["max_abs_weight_diff"] == 0.0
     assert all(v for k, v in rep.items() if k.endswith("_equal"))

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from icl import timing
 from icl.experiments import phase_change as pc
 
 
@@ -44,9 +45,12 @@ def test_small_run_has_every_curve_and_the_ablations(small):
     assert data["L2"]["n_params"] > data["L1"]["n_params"]
 
 
-def test_same_seed_same_result(small):
+def test_same_seed_same_result(small, timing_keys):
     p, (arrays, data) = small
-    again, data2 = pc.compute(p)
+    with timing.collect() as times:
+        again, data2 = pc.compute(p)
+    assert data == data2 and timing_keys(data) == []
+    assert set(times) == {"L1.train_seconds", "L2.train_seconds"}
     for key in ("L2.train_loss", "L2.prefix_matching", "L1.icl_score", "L2.state.W_U"):
         assert np.array_equal(arrays[key], again[key]), key
     assert data["ablation"] == data2["ablation"]

@@ -12,6 +12,7 @@ def small_params():
     return experiments.make_params(surprisal, {"tasks": "identity,random", "n_prompts": "4", "k": "8"})
 
 
+@pytest.mark.slow
 def test_identity_is_learnt_and_random_is_not(smol, small_params):
     arrays, data = surprisal.compute(small_params, smol)
     ident, rand = arrays["identity.answer_nats"], arrays["random.answer_nats"]
@@ -25,6 +26,7 @@ def test_identity_is_learnt_and_random_is_not(smol, small_params):
     assert data["tasks"]["identity"]["rule"] == "y = x" and data["n_prompts"] == 4
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_on_cpu(smol, small_params):
     a, da = surprisal.compute(small_params, smol)
     b, db = surprisal.compute(small_params, smol)

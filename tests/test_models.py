@@ -35,6 +35,7 @@ def test_resolve_names(tmp_path):
         models.resolve(str(empty))
 
 
+@pytest.mark.slow
 def test_default_model_shape_and_fingerprint(smol):
     assert (smol.n_layers, smol.n_heads, smol.n_kv_heads, smol.d_model) == (30, 9, 3, 576)
     assert smol.fingerprint == f"gguf-sha256:{models.REGISTRY['smollm2-135m'].gguf_sha256}"
@@ -42,6 +43,7 @@ def test_default_model_shape_and_fingerprint(smol):
     assert smol.tokenizer(PROMPT).input_ids[0] != smol.tokenizer.bos_token_id  # no BOS added
 
 
+@pytest.mark.slow
 def test_default_model_bridge_logits_equal_hf(smol):
     folder = models.ensure_checkpoint(smol.spec, Config.from_env().models_dir)
     ids = torch.tensor([smol.tokenizer(PROMPT).input_ids])
@@ -113,3 +115,100 @@ def test_tiny_llama3_bf16_on_gpu(tiny_llama_dir):
     with torch.no_grad():
         out = m.bridge(ids)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_local_folder_must_be_a_checkpoint(tmp_path):
+    """A config.json of `{}`, or no weights, is a clear ModelUnavailableError before any load."""
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelUnavailableError, match="is not a Hugging Face model config"):
+        models.fingerprint(models.resolve(str(tmp_path)))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelUnavailableError, match="has a config.json but no weight files"):
+        models.fingerprint(models.resolve(str(tmp_path)))
+    with pytest.raises(ModelUnavailableError, match="no weight files"):
+        models.load(Config(model=str(tmp_path), device="cpu"))
+
+
+def _fake_conversion(models_dir):
+    """A converted folder where ensure_checkpoint looks for the embedded model, with recorded hashes
+    (a tiny random model stands in for the 540 MB conversion)."""
+    spec = models.REGISTRY["smollm2-135m"]
+    folder = models.write_random_llama3(models_dir / f"{spec.name}-{spec.gguf_sha256[:12]}")
+    (folder / models.MARKER).write_text(json.dumps({"files": models._recorded_files(folder)}))
+    return spec, folder
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit", "delete"])
+def test_damaged_conversion_is_refused_with_how_to_fix(tmp_path, damage):
+    spec, folder = _fake_conversion(tmp_path)
+    assert models.ensure_checkpoint(spec, tmp_path) == folder  # verifies
+    weights = folder / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        weights.write_bytes(raw[: len(raw) // 2])
+    elif damage == "edit":  # same size, one weight changed: the GGUF fingerprint alone would not notice
+        raw[-3] ^= 0x40
+        weights.write_bytes(bytes(raw))
+    else:
+        weights.unlink()
+    with pytest.raises(ModelUnavailableError, match=f"damaged.*rm -r {folder}"):
+        models.ensure_checkpoint(spec, tmp_path)
+    with pytest.raises(ModelUnavailableError, match="damaged"):
+        models.load(Config(model="smollm2-135m", device="cpu", models_dir=tmp_path))
+
+
+def test_conversion_without_recorded_hashes_is_not_trusted(tmp_path):
+    _, folder = _fake_conversion(tmp_path)
+    (folder / models.MARKER).write_text(json.dumps({"gguf_sha256": "x"}))  # an older conversion
+    assert models.verify_checkpoint(folder) is False  # so ensure_checkpoint converts it again
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ModelUnavailableError, match="is a file, not a folder"):
+        models.ensure_checkpoint(models.REGISTRY["smollm2-135m"], afile)
+
+
+def test_unreachable_hub_fails_at_once_without_retries(monkeypatch, clean_env):
+    """No local copy and no network: one quick request, then the clean error; never a load attempt."""
+    import time
+
+    import huggingface_hub
+
+    calls = []
+
+    def no_network(self, repo_id, **kw):
+        calls.append(kw.get("timeout"))
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    monkeypatch.setattr(models, "boot", lambda *a, **k: pytest.fail("tried to load without hub access"))
+    start = time.time()
+    with pytest.raises(ModelUnavailableError, match="hub cannot be reached.*--model smollm2-135m"):
+        models.load(Config(model="llama-3-8b", device="cpu"))
+    assert calls == [10] and time.time() - start < 5
+
+
+def test_gpu_hint_names_the_default_model_only_for_other_models():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceUnavailableError) as err:
+        models.resolve_device(models.resolve("smollm2-135m"), "cuda")
+    assert "--device cpu" in str(err.value) and "default model" not in str(err.value)
+    with pytest.raises(DeviceUnavailableError, match="or the default model smollm2-135m"):
+        models.resolve_device(models.resolve("llama-3-8b"), None)
+
+
+def test_unwritable_models_dir_is_refused_before_converting(tmp_path, monkeypatch):
+    import os
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    monkeypatch.setattr(models, "gguf_path", lambda spec: pytest.fail("started converting"))
+    try:
+        if os.geteuid() == 0:  # root writes anyway; emulate what os.access reports to anyone else
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p) == str(folder) else real(p, m, **k))
+        with pytest.raises(ModelUnavailableError, match="is not writable"):
+            models.ensure_checkpoint(models.REGISTRY["smollm2-135m"], folder)
+    finally:
+        folder.chmod(0o755)

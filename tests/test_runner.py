@@ -17,6 +17,38 @@ def test_shapes_are_gqa(tiny_llama, tiny_stack):
     assert tiny_stack.device == torch.device(tiny_llama.bridge.cfg.device)
 
 
+def _z_by_hand(stack, ids, kv_of):
+    """Layer 0's per-query-head attention output, one head at a time, query head h reading the key/value
+    head kv_of(h)."""
+    w = stack.layers[0]
+    T = ids.shape[1]
+    h = stack.rms(torch.nn.functional.embedding(ids, stack.W_E), w.ln1)
+    cos, sin = stack.rotary(torch.arange(T)[None].expand(ids.shape[0], T))
+    q = (h @ w.W_q.T).view(*ids.shape, stack.n_heads, stack.d_head).transpose(1, 2)
+    k = (h @ w.W_k.T).view(*ids.shape, stack.n_kv, stack.d_head).transpose(1, 2)
+    v = (h @ w.W_v.T).view(*ids.shape, stack.n_kv, stack.d_head).transpose(1, 2)
+    q, k = stack._rope(q, cos, sin), stack._rope(k, cos, sin)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    zs = []
+    for head in range(stack.n_heads):
+        scores = (q[:, head] @ k[:, kv_of(head)].transpose(-1, -2)) * stack.scaling
+        pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+        zs.append(pattern @ v[:, kv_of(head)])
+    return torch.stack(zs, 2)  # [rows, pos, head, d_head]
+
+
+def test_query_heads_read_their_groups_kv_head(tiny_stack):
+    """Grouped-query attention by value: query head h attends with key/value head h // n_rep, as Hugging
+    Face's model does; the other natural mapping (h % n_kv) gives different outputs."""
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        z = tiny_stack.forward(ids).z[0]
+        grouped = _z_by_hand(tiny_stack, ids, lambda h: h // tiny_stack.n_rep)
+        interleaved = _z_by_hand(tiny_stack, ids, lambda h: h % tiny_stack.n_kv)
+    assert torch.allclose(z, grouped, atol=1e-5)
+    assert not torch.allclose(z, interleaved, atol=1e-3)
+
+
 def test_forward_matches_bridge_logits_and_hook_z(tiny_llama, tiny_stack):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (3, 17), generator=g)

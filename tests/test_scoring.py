@@ -43,6 +43,7 @@ def test_encode_covers_whole_answer_with_byte_tokenizer(byte_tok):
         assert byte_tok.decode([enc.ids[t] for t in toks]) == f"{y})"
 
 
+@pytest.mark.slow
 def test_encode_covers_whole_answer_with_smollm2_tokenizer(smol):
     p = tasks.make_prompts("double-plus-3", 1, 8, seed=0)[0]
     enc = encode(smol.tokenizer, p)
@@ -69,6 +70,7 @@ def test_oracle_model_is_exact_and_unsurprised(byte_tok):
     assert np.all(s.answer_nats < 1e-6 * 10)
 
 
+@pytest.mark.slow
 def test_answer_inside_a_token_is_rejected(smol):
     p = tasks.make_prompts("identity", 1, 3, seed=0)[0]
     # "hello" is a single SmolLM2 token, so a span starting at character 2 starts inside it.

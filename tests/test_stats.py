@@ -29,3 +29,18 @@ def test_first_at_least():
     assert first_at_least(np.array([0.1, 0.4, 0.6, 0.2, 0.9]), 0.5) == 2
     assert first_at_least(np.array([0.1, 0.4]), 0.5) is None
     assert first_at_least(np.array([0.5]), 0.5) == 0
+
+
+@pytest.mark.parametrize("shape", [(50,), (50, 1), (50, 7), (30, 4, 3), (3, 1)])
+def test_resampled_means_in_blocks_equal_one_block(shape, monkeypatch):
+    """Large bootstraps run in blocks of resamples (bounded memory); every block size gives exactly
+    the values of a single block, so results do not depend on the size of the problem."""
+    from icl import stats
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=shape)
+    idx = rng.integers(0, shape[0], size=(101, shape[0]))
+    whole = values[idx].mean(axis=1)
+    for budget in (1, 7, 300, 10**6):
+        monkeypatch.setattr(stats, "CHUNK_ELEMENTS", budget)
+        assert np.array_equal(stats.resampled_means(values, idx), whole), budget

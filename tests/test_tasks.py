@@ -45,9 +45,33 @@ def test_random_rule_is_not_a_function_of_x():
 
 
 def test_errors():
-    with pytest.raises(UnknownTaskError, match="known tasks"):
+    with pytest.raises(UnknownTaskError, match="unknown task 'triple'.*affine:A,B"):
         tasks.get_task("triple")
+    for bad in ("affine:3", "affine:3,x", "affine:1000,0", "affine:1,1000", "affine3,1"):
+        with pytest.raises(UnknownTaskError):
+            tasks.get_task(bad)
     with pytest.raises(ValueError):
         tasks.make_prompts("identity", 1, 100, 0)
     with pytest.raises(ValueError):
         tasks.make_prompts("identity", 0, 5, 0)
+
+
+def test_affine_rule_is_named_by_its_definition():
+    task = tasks.get_task("affine:3,1")
+    assert (task.name, task.a, task.b, task.rule) == ("affine:3,1", 3, 1, "y = 3x + 1")
+    assert tasks.canonical_name("affine: +3, 01") == "affine:3,1"
+    assert tasks.get_task("affine:-1,-5").rule == "y = -x - 5" and tasks.get_task("affine:0,7").rule == "y = 7"
+    for p in tasks.make_prompts("affine:3,1", 3, 10, seed=0):
+        assert all(y == 3 * x + 1 for x, y in zip(p.xs, p.ys))
+    # Prompts (and so cache keys) follow the definition: the same spec gives the same prompts, another
+    # rule other ones, and a rule equal to a suite task's is still its own stream.
+    same = tasks.make_prompts(tasks.canonical_name("affine:+3,01"), 3, 10, seed=0)
+    assert same == tasks.make_prompts("affine:3,1", 3, 10, seed=0)
+    assert tasks.suite_digest({"affine:3,1": same}) != tasks.suite_digest(
+        {"affine:3,2": tasks.make_prompts("affine:3,2", 3, 10, seed=0)})
+
+
+def test_split_names_keeps_the_comma_of_an_affine_spec():
+    assert tasks.split_names("identity,affine:3,1,double") == ("identity", "affine:3,1", "double")
+    assert tasks.split_names("affine:-2, 5") == ("affine:-2, 5",)
+    assert tasks.split_names("") == () and tasks.split_names("plus-1") == ("plus-1",)

@@ -50,14 +50,16 @@ def test_model_shapes_and_causality():
     assert torch.allclose(answer_logprobs(m, changed), out)
 
 
-def test_short_training_learns_something_and_is_deterministic():
-    from icl import experiments
+def test_short_training_learns_something_and_is_deterministic(timing_keys):
+    from icl import experiments, timing
     from icl.experiments import bayes_toy
 
     params = experiments.make_params(bayes_toy, {"steps": "120", "eval_every": "60", "n_eval": "64", "k": "6"})
-    a, da = bayes_toy.compute(params)
-    b, db = bayes_toy.compute(params)
-    assert np.array_equal(a["kl_over_training"], b["kl_over_training"]) and da["final_kl_mean"] == db["final_kl_mean"]
+    with timing.collect() as times:
+        a, da = bayes_toy.compute(params)
+        b, db = bayes_toy.compute(params)
+    assert np.array_equal(a["kl_over_training"], b["kl_over_training"]) and da == db
+    assert timing_keys(da) == [] and set(times) == {"train_seconds"}
     # After a little training the model beats the uniform guess, and the Bayes loss is a floor.
     assert da["model_ce_mean"] < da["log_vocab"]
     assert da["model_ce_mean"] > da["bayes_ce_mean"] - 0.05

@@ -1,13 +1,17 @@
 """``python -m icl``: list what exists, fill the cache, check it, and build the book.
 
-    python -m icl list
+    python -m icl list [--params [NAME ...]]
     python -m icl run surprisal [--model M] [--device D] [--dtype T] [--seed S] [--force] [--set k=v ...]
     python -m icl run all
     python -m icl cache status | verify
     python -m icl book [--no-render] [--quiet]
 
-Bad requests (unknown model, experiment or task, a GPU that is not there, a corrupt cache entry) print
-one line starting with ``error:`` and exit with status 2, before anything is written.
+Bad requests (unknown model, experiment or task, a parameter out of its range, a GPU that is not there,
+a cache folder that cannot be written, a corrupt cache entry) print one line starting with ``error:``
+and exit with status 2. Everything that can be checked without a model is checked before a model is
+loaded or anything is computed, and nothing is written. Results of custom runs (any parameter or seed
+other than the defaults) go to the user cache unless ``ICL_CACHE_DIR`` is set
+(:meth:`icl.config.Config.results_dir`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from icl import experiments, models, tasks
 from icl.cache import Cache
@@ -27,11 +32,21 @@ from icl.quarto import BookError
 EXIT_USAGE = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m icl", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="experiments, models and tasks")
-    run = sub.add_parser("run", help="compute an experiment (or 'all') into the cache, unless cached")
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one ``error:`` line (exit 2) like every other bad request."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m icl", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    lst = sub.add_parser("list", help="experiments, models and tasks; with --params, every parameter")
+    lst.add_argument("--params", nargs="*", metavar="NAME", default=None,
+                     help="list the parameters of these experiments (all if none named): default, allowed values")
+    run = sub.add_parser("run", help="compute an experiment (or 'all') into the cache, unless cached",
+                         epilog=_run_epilog(argv), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("experiment", help="experiment name or 'all'")
     run.add_argument("--model", help="registry name, Hugging Face id or local folder (ICL_MODEL)")
     run.add_argument("--device", help="cpu, cuda, cuda:N, mps (ICL_DEVICE)")
@@ -39,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for prompts and resampling")
     run.add_argument("--force", action="store_true", help="recompute and replace the cached entry")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override an experiment parameter (repeatable)")
+                     help="override an experiment parameter (repeatable); see the list below or "
+                          "python -m icl list --params")
     cache = sub.add_parser("cache", help="inspect the result cache")
     cache.add_argument("action", choices=["status", "verify"])
     book = sub.add_parser("book", help="fill missing cache entries, then render and check the book with Quarto")
@@ -49,17 +65,52 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_epilog(argv: list[str] | None) -> str:
+    """For ``run NAME --help``: that experiment's parameters; otherwise where to find them."""
+    args = sys.argv[1:] if argv is None else argv
+    named = [a for a in args[1:] if a in experiments.REGISTRY] if args[:1] == ["run"] else []
+    if not named:
+        return "Each experiment's parameters, defaults and allowed values: python -m icl list --params"
+    return "\n".join(_params_lines(named[0]))
+
+
+def _params_lines(name: str) -> list[str]:
+    module = experiments.get(name)
+    rows = experiments.describe_params(module)
+    width = max(len(r[0]) for r in rows)
+    out = [f"parameters of {name} (--set KEY=VALUE, --seed S):"]
+    for key, default, allowed in rows:
+        out.append(f"  {key:<{width}}  default {default}")
+        out.append(f"  {'':<{width}}  allowed: {allowed}")
+    return out
+
+
 def _overrides(pairs: list[str]) -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     for pair in pairs:
-        if "=" not in pair:
+        if "=" not in pair or not pair.split("=", 1)[0].strip():
             raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
+        if key.strip() in out:
+            raise ConfigError(f"--set {key.strip()} is given twice; give each parameter once")
         out[key.strip()] = value.strip()
     return out
 
 
-def cmd_list() -> int:
+def _show(path: Path) -> str:
+    """A path as the user can use it: relative to the working directory if inside it, else absolute."""
+    path = Path(path).absolute()
+    cwd = Path.cwd()
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+
+
+def cmd_list(params: list[str] | None = None) -> int:
+    if params is not None:
+        for name in params or experiments.names():
+            experiments.get(name)  # unknown names are an error before anything is printed
+        for name in params or experiments.names():
+            print("\n".join(_params_lines(name)))
+        return 0
     print("experiments:")
     for name in experiments.names():
         mod = experiments.get(name)
@@ -71,6 +122,9 @@ def cmd_list() -> int:
     print("tasks:")
     for name, task in tasks.SUITE.items():
         print(f"  {name:<14} {task.rule}")
+    a_max, b_max = tasks.AFFINE_LIMIT
+    print(f"  {'affine:A,B':<14} y = A x + B, any integers |A| <= {a_max}, |B| <= {b_max}")
+    print("parameters of each experiment: python -m icl list --params [NAME ...]")
     return 0
 
 
@@ -80,69 +134,105 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = config.with_(cache_mode="refresh")
     names = experiments.names() if args.experiment == "all" else [args.experiment]
     overrides = _overrides(args.set)
-    if args.experiment == "all" and overrides:
-        raise ConfigError("--set applies to one experiment, not 'all'")
+    if args.experiment == "all" and (overrides or args.seed is not None):
+        raise ConfigError("--set and --seed apply to one experiment, not 'all'")
     # Validate everything before loading a model or writing anything.
     plan = []
     for name in names:
         module = experiments.get(name)
-        try:
-            params = experiments.make_params(module, overrides, seed=args.seed)
-        except ValueError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
+        params = experiments.make_params(module, overrides, seed=args.seed)
+        experiments.check_content(module, params)
         plan.append((name, params))
     spec = models.resolve(config.model)
     models.resolve_device(spec, config.device)
+    if config.cache_mode != "readonly":
+        for name, params in plan:
+            if config.cache_mode == "refresh" or not experiments.is_cached(name, config, params):
+                experiments.check_writable(name, config, params)
     loaded = None
     for name, params in plan:
         start = time.time()
         entry, loaded = experiments.run(name, config, params, progress=True, loaded=loaded)
         took = time.time() - start
         what = "computed" if (entry.path / "meta.json").stat().st_mtime >= start - 1 else "cached"
-        print(f"{name}: {what} -> {entry.path.relative_to(config.cache_dir.parent) if entry.path.is_relative_to(config.cache_dir.parent) else entry.path} ({took:.1f} s)")
+        print(f"{name}: {what} -> {_show(entry.path)} ({took:.1f} s)")
     return 0
 
 
 def cmd_cache(action: str) -> int:
     config = Config.from_env()
-    cache = Cache(config.cache_dir)
-    bad = 0
-    current = _current_keys(config)
-    rows = []
-    for path in cache.entries():
-        try:
-            entry = cache.read(path)
-            state = "ok" if entry.key in current else "stale (no current experiment/config produces this key)"
-            model = (entry.key_inputs.get("model") or {}).get("id", "-")
-            rows.append(f"{entry.experiment:<20} {path.name}  {model:<14} {state}")
-        except CacheCorruptError as exc:
-            bad += 1
-            rows.append(f"{path.parent.name:<20} {path.name}  CORRUPT: {exc}")
-    missing = [f"{name} (key {key[:16]})" for key, name in current.items()
-               if not cache.path_for(name, key).exists()]
+    roots = [config.cache_dir] + ([config.custom_cache_dir] if config.custom_cache_dir
+                                  and config.custom_cache_dir != config.cache_dir
+                                  and config.custom_cache_dir.is_dir() else [])
+    bad = stale = 0
+    rows: list[str] = []
+    found: list[tuple[Cache, object]] = []
+    for root in roots:
+        cache = Cache(root)
+        for removed in cache.clean():
+            rows.append(f"removed a leftover of an interrupted write: {_show(removed)}")
+        for path in cache.entries():
+            try:
+                found.append((cache, cache.read(path)))
+            except FileNotFoundError:
+                continue  # replaced by a concurrent write while we looked
+            except CacheCorruptError as exc:
+                bad += 1
+                rows.append(f"{path.parent.name:<20} {path.name}  CORRUPT: {exc}")
+    seen_models: list[dict] = []
+    for _, entry in found:
+        m = entry.key_inputs.get("model")
+        if m and m not in seen_models:
+            seen_models.append(m)
+    for cache, entry in found:
+        status = experiments.entry_status(entry, config, seen_models)  # models of every cache folder
+        stale += not status.valid
+        model = (entry.key_inputs.get("model") or {}).get("id", "-")
+        where = "" if cache.root == config.cache_dir else "  [user cache]"
+        rows.append(f"{entry.experiment:<20} {entry.path.name}  {model:<14} {status.describe()}{where}")
+    missing, unknown = _missing(config)
     for row in rows:
         print(row)
-    for left in cache.leftovers():
-        print(f"leftover temporary folder (safe to delete): {left}")
+    for root in roots:
+        for left in Cache(root).leftover_info():
+            print(f"leftover: {left.describe()}")
     if missing:
-        print("missing for the current configuration: " + ", ".join(missing))
-    print(f"{len(rows)} entries, {bad} corrupt, {len(missing)} missing, in {cache.root}")
+        print(f"missing for {config.model}: " + ", ".join(missing))
+    if unknown:
+        print(f"missing for {config.model}, keys not known yet: {', '.join(unknown)} ({unknown_reason(config)})")
+    print(f"{len(found) + bad} entries ({stale} stale, {bad} corrupt), {len(missing) + len(unknown)} missing "
+          f"for {config.model}, in {', '.join(_show(r) for r in roots)}")
     if action == "verify" and bad:
         return 1
     return 0
 
 
-def _current_keys(config: Config) -> dict[str, str]:
+def _missing(config: Config) -> tuple[list[str], list[str]]:
+    """Experiments whose default entry for the configured model is not in the cache, and those whose
+    key cannot be known here (a hub model that has not been downloaded)."""
     from icl.cache import key_of
 
-    out = {}
+    missing, unknown = [], []
+    cache = Cache(config.cache_dir)
     for name in experiments.names():
         module = experiments.get(name)
         try:
-            out[key_of(experiments.key_inputs(module, experiments.make_params(module), config))] = name
+            key = key_of(experiments.key_inputs(module, experiments.make_params(module), config))
         except ICLError:
-            pass
-    return out
+            unknown.append(name)
+            continue
+        path = cache.path_for(name, key)
+        if not path.exists() and not cache.recover(path):
+            missing.append(f"{name} (key {key[:16]})")
+    return missing, unknown
+
+
+def unknown_reason(config: Config) -> str:
+    try:
+        experiments.model_info(config)
+    except ICLError as exc:
+        return str(exc)
+    return "their keys cannot be computed"
 
 
 def cmd_book(args: argparse.Namespace) -> int:
@@ -186,16 +276,19 @@ def cmd_book(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser(argv).parse_args(argv)
     try:
-        if args.command == "list":
-            return cmd_list()
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "cache":
-            return cmd_cache(args.action)
-        if args.command == "book":
-            return cmd_book(args)
+        try:
+            if args.command == "list":
+                return cmd_list(args.params)
+            if args.command == "run":
+                return cmd_run(args)
+            if args.command == "cache":
+                return cmd_cache(args.action)
+            if args.command == "book":
+                return cmd_book(args)
+        finally:
+            sys.stdout.flush()
     except ICLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -205,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (python -m icl list | head): stop quietly, as other command-line tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return EXIT_USAGE
 
 

@@ -12,9 +12,14 @@ variable           meaning                                                     d
 ``ICL_DTYPE``      ``float32``, ``bfloat16``, ``float16`` (empty: model's)      model's default
 ``ICL_CACHE``      ``use`` (load or compute), ``refresh`` (recompute),         ``use``
                    ``readonly`` (load or fail; never loads a model)
-``ICL_CACHE_DIR``  where results live                                          ``<repo>/cache``
+``ICL_CACHE_DIR``  where results live (all of them, when set)                  ``<repo>/cache``
 ``ICL_MODELS_DIR`` where converted checkpoints live (outside git)              ``~/.cache/icl/models``
 =================  ==========================================================  ======================
+
+Results of custom runs — any parameter or seed other than an experiment's defaults — go to a user
+cache, ``~/.cache/icl/results`` (:attr:`Config.custom_cache_dir`), unless ``ICL_CACHE_DIR`` is set:
+``<repo>/cache`` holds what the book shows (the default parameters, for any model) and is committed for
+the default model, so a tour of the command line never changes it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_MODES = ("use", "refresh", "readonly")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_CACHE_DIR = REPO_ROOT / "cache"  # what the book shows; committed for the default model
+USER_CACHE_DIR = Path.home() / ".cache" / "icl" / "results"  # custom runs, unless ICL_CACHE_DIR is set
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,9 @@ class Config:
     device: str | None = None
     dtype: str | None = None
     cache_mode: str = "use"
-    cache_dir: Path = REPO_ROOT / "cache"
+    cache_dir: Path = DEFAULT_CACHE_DIR
     models_dir: Path = Path.home() / ".cache" / "icl" / "models"
+    custom_cache_dir: Path | None = None  # results of non-default parameters; None: cache_dir
 
     def __post_init__(self) -> None:
         if self.cache_mode not in CACHE_MODES:
@@ -63,6 +71,8 @@ class Config:
             values["cache_mode"] = env["ICL_CACHE"]
         if env.get("ICL_CACHE_DIR"):
             values["cache_dir"] = Path(env["ICL_CACHE_DIR"])
+        else:
+            values["cache_dir"], values["custom_cache_dir"] = DEFAULT_CACHE_DIR, USER_CACHE_DIR
         if env.get("ICL_MODELS_DIR"):
             values["models_dir"] = Path(env["ICL_MODELS_DIR"])
         names = {f.name for f in fields(cls)}
@@ -70,8 +80,15 @@ class Config:
             if key not in names:
                 raise ConfigError(f"unknown config field {key!r}")
             if value is not None:
-                values[key] = Path(value) if key in ("cache_dir", "models_dir") else value
+                values[key] = Path(value) if key in ("cache_dir", "models_dir", "custom_cache_dir") else value
+                if key == "cache_dir" and "custom_cache_dir" not in overrides:
+                    values.pop("custom_cache_dir", None)  # an explicit cache folder takes every result
         return cls(**values)  # type: ignore[arg-type]
 
     def with_(self, **changes: object) -> "Config":
         return replace(self, **changes)
+
+    def results_dir(self, custom: bool) -> Path:
+        """Where results live: those of default parameters in ``cache_dir``, custom ones in
+        ``custom_cache_dir`` if set."""
+        return self.custom_cache_dir if custom and self.custom_cache_dir is not None else self.cache_dir

@@ -30,8 +30,12 @@ class DeviceUnavailableError(ICLError):
     pass
 
 
-class ConfigError(ICLError):
-    pass
+class ConfigError(ICLError, ValueError):
+    """A value the user chose (a parameter, a setting, a path) that is not allowed."""
+
+
+class CacheDirError(ConfigError):
+    """The cache folder is a file, or cannot be written."""
 
 
 class CacheMissError(ICLError):

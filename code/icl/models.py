@@ -20,11 +20,15 @@ llama-3-8b. Attention is eager (TransformerLens forces it), which keeps logits a
 exact.
 
 Each model has a *fingerprint* that enters every cache key, so results computed with other weights are
-never mistaken for ours.
+never mistaken for ours. The embedded model's fingerprint is the GGUF's sha256; its converted folder is
+checked against the sha256 of every file recorded when it was converted, each time it is used, so a
+truncated or edited conversion is refused (delete the folder to convert again) instead of giving other
+results under the same key.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from icl.config import Config
+from icl.config import DEFAULT_MODEL, Config
 from icl.errors import DeviceUnavailableError, ModelUnavailableError, UnknownModelError
 
 
@@ -113,9 +117,10 @@ def resolve_device(spec: ModelSpec, requested: str | None) -> str:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             hint = (" (it is this model's default device)" if not requested else "")
+            other = "" if spec.name == DEFAULT_MODEL else f", or the default model {DEFAULT_MODEL}"
             raise DeviceUnavailableError(
                 f"device {device!r} was asked for{hint}, but torch sees no CUDA GPU on this machine; "
-                f"use --device cpu (or ICL_DEVICE=cpu), or the default model smollm2-135m"
+                f"use --device cpu (or ICL_DEVICE=cpu){other}"
             )
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
@@ -144,14 +149,28 @@ def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def check_local_folder(folder: Path) -> list[Path]:
+    """The weight files of a local checkpoint folder, after checking that it looks like one: a
+    config.json holding a Hugging Face model config (with ``model_type``) and at least one weight file."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(f"{folder}/config.json cannot be read as JSON ({exc})") from None
+    if not isinstance(cfg, dict) or not cfg.get("model_type"):
+        raise ModelUnavailableError(f"{folder}/config.json is not a Hugging Face model config (it has no "
+                                    "model_type); a checkpoint folder needs config.json, weights and a tokenizer")
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    if not weights:
+        raise ModelUnavailableError(f"{folder} has a config.json but no weight files (*.safetensors, *.bin)")
+    return weights
+
+
 def _folder_fingerprint(folder: Path) -> str:
     """Cheap but weight-sensitive: config.json, and for each weight file its size and a hash of its
     first and last MiB (a full hash of 16 GB of llama weights would take minutes)."""
+    weights = check_local_folder(folder)
     h = hashlib.sha256()
     h.update((folder / "config.json").read_bytes())
-    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
-    if not weights:
-        raise ModelUnavailableError(f"{folder} has a config.json but no weight files")
     for p in weights:
         size = p.stat().st_size
         h.update(f"{p.name}:{size}".encode())
@@ -194,16 +213,59 @@ def gguf_path(spec: ModelSpec) -> Path:
     return path
 
 
+MARKER = "icl-checkpoint.json"
+
+
+def _recorded_files(folder: Path) -> dict[str, str]:
+    return {p.name: _sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
+
+
+def verify_checkpoint(folder: Path) -> bool:
+    """Check a converted folder against the sha256 of every file recorded at conversion. False for a
+    folder converted before hashes were recorded (it is converted again); raises if it does not match."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        marker = None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        return False
+    problems = []
+    for name, digest in marker["files"].items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif _sha256_file(path) != digest:
+            problems.append(f"{name} does not match its recorded sha256 (truncated or modified)")
+    if problems:
+        raise ModelUnavailableError(
+            f"the converted checkpoint {folder} is damaged: {'; '.join(problems)}. Delete the folder "
+            f"(rm -r {folder}) and run again: it is converted again from the GGUF in about 30 s"
+        )
+    return True
+
+
 def ensure_checkpoint(spec: ModelSpec, models_dir: Path) -> Path:
     """Return a plain fp32 checkpoint folder for a GGUF-embedded model, converting it once.
 
     The conversion is written to a temporary folder and renamed into place, so an interrupted run
-    leaves no half-written checkpoint behind.
+    leaves no half-written checkpoint behind. It records the sha256 of every file it wrote, and every
+    use checks them (:func:`verify_checkpoint`): the cache key fingerprints the GGUF, so a damaged or
+    edited conversion must not be used.
     """
-    folder = Path(models_dir) / f"{spec.name}-{spec.gguf_sha256[:12]}"  # type: ignore[index]
-    marker = folder / "icl-checkpoint.json"
-    if marker.is_file() and (folder / "model.safetensors").is_file():
+    models_dir = Path(models_dir)
+    if models_dir.exists() and not models_dir.is_dir():
+        raise ModelUnavailableError(f"ICL_MODELS_DIR {models_dir} is a file, not a folder")
+    folder = models_dir / f"{spec.name}-{spec.gguf_sha256[:12]}"  # type: ignore[index]
+    if folder.is_dir() and verify_checkpoint(folder):
         return folder
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelUnavailableError(f"cannot create ICL_MODELS_DIR {models_dir} for the converted checkpoint: "
+                                    f"{exc.strerror or exc}") from None
+    if not os.access(models_dir, os.W_OK | os.X_OK):
+        raise ModelUnavailableError(f"ICL_MODELS_DIR {models_dir} is not writable, and the embedded model must "
+                                    "be converted there once; point ICL_MODELS_DIR at a folder you can write")
     source = gguf_path(spec)
     digest = _sha256_file(source)
     if digest != spec.gguf_sha256:
@@ -233,11 +295,16 @@ def ensure_checkpoint(spec: ModelSpec, models_dir: Path) -> Path:
         state = {k: v.contiguous() for k, v in model.state_dict().items()
                  if not (cfg.get("tie_word_embeddings") and k == "lm_head.weight")}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "icl-checkpoint.json").write_text(json.dumps(
-            {"source": str(source.name), "gguf_sha256": digest, "dtype": "float32"}, indent=2))
-        if folder.exists():
+        (tmp / MARKER).write_text(json.dumps(
+            {"source": str(source.name), "gguf_sha256": digest, "dtype": "float32",
+             "files": _recorded_files(tmp)}, indent=2))
+        if folder.exists():  # an unverifiable older conversion (no recorded hashes): replace it
             shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        os.rename(tmp, folder)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not verify_checkpoint(folder):
+            raise
+        # another process finished the same conversion first: use theirs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -274,6 +341,40 @@ class LoadedModel:
         return int(self.bridge.cfg.d_model)
 
 
+def check_hub(spec: ModelSpec) -> None:
+    """Before a hub model is loaded: if it is not in the local Hugging Face cache, ask the hub once
+    (no retries) whether it can be downloaded, so that no access fails fast and clearly instead of
+    after half a minute of retried requests."""
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub import constants as hf_constants
+
+        snapshot_download(spec.location, local_files_only=True)  # type: ignore[arg-type]
+        return  # cached: loading needs no network
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return
+    except Exception:  # noqa: BLE001 - not in the local cache: see whether the hub can be reached
+        pass
+    if hf_constants.HF_HUB_OFFLINE:
+        raise ModelUnavailableError(
+            f"{spec.location} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"download it once with hub access, pass a local folder with --model PATH, or {DEFAULT_HINT}")
+    try:
+        HfApi().model_info(spec.location, timeout=10)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - network, authentication, gating, not found
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        if status in (401, 403):
+            why = "it is gated: accept its licence on huggingface.co, then `hf auth login`"
+        elif status == 404:
+            why = "the hub has no such model (or it is private)"
+        else:
+            why = f"the Hugging Face hub cannot be reached ({first})"
+        raise ModelUnavailableError(
+            f"cannot load {spec.location}: it is not in the local Hugging Face cache and {why}; pass a local "
+            f"folder with --model PATH, or {DEFAULT_HINT}") from None
+
+
 def boot(location: str, device: str, dtype: str) -> tuple[Any, Any]:
     """The single path from a hub id or a local folder to a TransformerBridge and its tokenizer."""
     from transformer_lens.model_bridge import TransformerBridge
@@ -299,12 +400,16 @@ def load(config: Config | None = None, *, model: str | None = None) -> LoadedMod
         location = str(ensure_checkpoint(spec, config.models_dir))
     else:
         location = spec.location  # type: ignore[assignment]
+    if spec.source == "local":
+        check_local_folder(Path(location))
+    if spec.source == "hub":
+        check_hub(spec)
     try:
         bridge, tokenizer = boot(location, device, dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
-        if spec.source != "hub":
-            raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if spec.source != "hub":
+            raise ModelUnavailableError(f"could not load the checkpoint in {location}: {first}") from exc
         raise ModelUnavailableError(
             f"could not load {spec.location} from the Hugging Face hub or its local cache: {first}. "
             f"It may be gated (accept its licence, then `hf auth login`), or pass a local folder "

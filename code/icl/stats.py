@@ -17,10 +17,29 @@ def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, level: float = 0.9
         raise ValueError("a bootstrap interval needs at least two prompts")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
-    means = values[idx].mean(axis=1)
+    means = resampled_means(values, idx)
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha], axis=0)
     return values.mean(axis=0), low, high
+
+
+CHUNK_ELEMENTS = 1 << 24  # resampled values held at once (128 MiB of float64)
+
+
+def resampled_means(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``values[idx].mean(axis=1)`` for bootstrap indices ``idx`` ``[n_boot, n]``, computed a block of
+    resamples at a time so that memory stays bounded however large ``n_boot`` and ``values`` are. Each
+    resample's mean is computed exactly as in one block (blocks have at least two rows)."""
+    per_row = idx.shape[1] * max(1, int(np.prod(values.shape[1:])))
+    rows = max(2, CHUNK_ELEMENTS // max(1, per_row))
+    n_boot = idx.shape[0]
+    if rows >= n_boot:
+        return values[idx].mean(axis=1)
+    starts = list(range(0, n_boot, rows))
+    if n_boot - starts[-1] < 2:
+        starts.pop()  # no block of one row: the last block takes it
+    ends = starts[1:] + [n_boot]
+    return np.concatenate([values[idx[a:b]].mean(axis=1) for a, b in zip(starts, ends)])
 
 
 def first_at_least(values: np.ndarray, threshold: float) -> int | None:

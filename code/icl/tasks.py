@@ -18,13 +18,16 @@ runs and machines. :func:`prompts_digest` hashes their text for the cache key.
 
 The suite runs from a rule a small model copies at once (``y = x``) to one it does not learn at this
 scale (``y = 2x + 3``, the source notes' task), with a random-rule control whose answers carry no
-learnable structure at all.
+learnable structure at all. Any other affine rule ``y = A x + B`` is named by its definition,
+``affine:A,B`` (:func:`get_task`); its name, and so its prompts and every cache key built on them,
+follow from ``A`` and ``B`` alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +52,9 @@ class Task:
     def rule(self) -> str:
         if self.random_rule:
             return f"y uniform in [{self.y_min}, {self.y_max}]"
-        lead = "x" if self.a == 1 else f"{self.a}x"
+        if self.a == 0:
+            return f"y = {self.b}"
+        lead = "x" if self.a == 1 else "-x" if self.a == -1 else f"{self.a}x"
         return f"y = {lead}" + (f" + {self.b}" if self.b > 0 else f" - {-self.b}" if self.b < 0 else "")
 
     def answers(self, xs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -71,13 +76,32 @@ SUITE: dict[str, Task] = {
     )
 }
 DEFAULT_TASKS = tuple(SUITE)
+AFFINE_LIMIT = (99, 999)  # |A| and |B| of an affine:A,B task
+_AFFINE = re.compile(r"^affine:([+-]?\d+),([+-]?\d+)$")
+TASK_HELP = f"a task of the suite ({', '.join(SUITE)}) or affine:A,B (y = A x + B, integers)"
 
 
 def get_task(name: str) -> Task:
-    try:
+    """A task of the suite by name, or the affine rule ``y = A x + B`` named ``affine:A,B``."""
+    if name in SUITE:
         return SUITE[name]
-    except KeyError:
-        raise UnknownTaskError(f"unknown task {name!r}: known tasks are {', '.join(SUITE)}") from None
+    m = _AFFINE.match(name.replace(" ", ""))
+    if m is None:
+        raise UnknownTaskError(f"unknown task {name!r}: use {TASK_HELP}")
+    a, b = int(m.group(1)), int(m.group(2))
+    if abs(a) > AFFINE_LIMIT[0] or abs(b) > AFFINE_LIMIT[1]:
+        raise UnknownTaskError(f"task {name!r}: affine:A,B needs |A| <= {AFFINE_LIMIT[0]} and |B| <= {AFFINE_LIMIT[1]}")
+    return Task(f"affine:{a},{b}", a=a, b=b)
+
+
+def canonical_name(name: str) -> str:
+    """The name a task is keyed by (``affine:+3,01`` -> ``affine:3,1``); raises for an unknown task."""
+    return get_task(name).name
+
+
+def split_names(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of task names, where ``affine:A,B`` keeps its own comma."""
+    return tuple(s.strip() for s in re.findall(r"\s*affine:\s*[+-]?\d+\s*,\s*[+-]?\d+|[^,]+", raw) if s.strip())
 
 
 @dataclass(frozen=True)

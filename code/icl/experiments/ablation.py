@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from icl import ablation, patching, tasks
+from icl.experiments import TASKS, between, reporter
 from icl.experiments.patching import bootstrap_recovered
 from icl.experiments.patching import prompts_for as patching_prompts
 from icl.experiments.patching import Params as PatchingParams
@@ -55,6 +56,10 @@ class Params:
             raise ValueError("need n_pairs >= 2, k >= 2, iterations >= 1")
 
 
+LIMITS = {"tasks": TASKS, "procedure_task": TASKS, "n_pairs": between(2, 500), "k": between(2, 99),
+          "iterations": between(1, 10), "threshold": between(0.01, 1.0), "n_boot": between(20, 10_000)}
+
+
 def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
     params.validate()
     return patching_prompts(PatchingParams(tasks=params.tasks, n_pairs=params.n_pairs, k=params.k, seed=params.seed))
@@ -75,8 +80,11 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     tok = model.tokenizer
     arrays: dict[str, np.ndarray] = {}
     summary: dict[str, Any] = {}
+    say = reporter(NAME, progress)
     all_prompts = prompts_for(params)
-    for name, prompts in all_prompts.items():
+    for t, (name, prompts) in enumerate(all_prompts.items(), 1):
+        say(f"task {t}/{len(all_prompts)} {name}: zero and mean ablation of {stack.n_layers * stack.n_heads} "
+            f"heads on {len(prompts)} prompts")
         pairs = patching.make_pairs(tok, prompts)
         clean, _ = ablation.a_runs(stack, tok, pairs)
         mean_z = clean.z.mean(dim=1)  # [n_layers, n_heads, d_head] over prompts, answer position
@@ -98,6 +106,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
 
     # the notes' procedure on one task
     name = params.procedure_task
+    say(f"procedure on {name}: patching sweep before any ablation")
     pairs = patching.make_pairs(tok, all_prompts[name])
     clean, _ = ablation.a_runs(stack, tok, pairs)
     acts, logp_a = patching.a_activations(model.bridge, tok, pairs, ["resid_pre"])
@@ -117,6 +126,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
             break
         new = [layer for layer in (first - 2, first - 1) if layer >= 0 and layer not in ablated_layers]
         ablated_layers = sorted(set(ablated_layers) | set(new))
+        say(f"procedure iteration {it}/{params.iterations}: layers {ablated_layers} ablated, patching again")
         heads = [(layer, h) for layer in ablated_layers for h in range(stack.n_heads)]
         acts, logp_abl = patching.a_activations(model.bridge, tok, pairs, ["resid_pre"],
                                                 fwd_hooks=ablation.zero_heads_hook(heads))

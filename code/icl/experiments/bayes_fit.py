@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from icl import bayes, tasks
+from icl.experiments import between
 
 NAME = "bayes_fit"
 VERSION = 1
@@ -33,6 +34,9 @@ class Params:
     def validate(self) -> None:
         if self.n_boot < 20:
             raise ValueError("n_boot must be at least 20")
+
+
+LIMITS = {"n_boot": between(20, 10_000)}
 
 
 def content_digest(params: Params) -> str:

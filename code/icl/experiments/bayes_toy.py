@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from icl import timing
+from icl.experiments import between
 from icl.stats import bootstrap_mean_ci
 from icl.toybayes import RuleFamily, TinyGPT, answer_logprobs, exact_predictive, kl_per_example
 
@@ -48,10 +50,18 @@ class Params:
     def validate(self) -> None:
         if self.steps < self.eval_every or self.k < 2:
             raise ValueError("need steps >= eval_every and k >= 2")
+        if self.d_model % self.n_heads:
+            raise ValueError("d_model must be a multiple of n_heads")
 
     @property
     def family(self) -> RuleFamily:
         return RuleFamily(noise=self.noise)
+
+
+LIMITS = {"k": between(2, 64), "noise": between(0.001, 0.999), "d_model": between(8, 512),
+          "n_layers": between(1, 8), "n_heads": between(1, 16), "steps": between(1, 200_000),
+          "batch": between(1, 4096), "lr": between(1e-6, 1.0), "eval_every": between(1, 200_000),
+          "n_eval": between(2, 8192)}
 
 
 def content_digest(params: Params) -> str:
@@ -103,7 +113,7 @@ class Trained:
     kl_curve: list[np.ndarray]  # per evaluation: mean KL per example index [k]
     ce_curve: list[np.ndarray]
     train_loss: list[float]
-    seconds: float
+    seconds: float  # training time: provenance, recorded with icl.timing by the callers
 
 
 def train(params: Params, progress: bool = False) -> Trained:
@@ -122,7 +132,7 @@ def train(params: Params, progress: bool = False) -> Trained:
     net = TinyGPT(family.vocab, 2 * params.k, params.d_model, params.n_layers, params.n_heads, 4 * params.d_model)
     opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=0.0)
     steps, kl_curve, ce_curve, train_loss = [], [], [], []
-    running, start = [], time.time()
+    running, start = [], time.perf_counter()
     for step in tqdm(range(1, params.steps + 1), desc="bayes_toy", disable=not progress, leave=False):
         tokens, _ = family.sample(params.batch, params.k, train_gen)
         loss = -answer_logprobs(net, tokens).gather(-1, tokens[:, 1::2, None]).mean()
@@ -137,13 +147,14 @@ def train(params: Params, progress: bool = False) -> Trained:
             ce_curve.append(ev["model_ce"].mean(0).numpy())
             train_loss.append(float(np.mean(running)))
             running = []
-    return Trained(net, eval_tokens, exact, prior, steps, kl_curve, ce_curve, train_loss, time.time() - start)
+    return Trained(net, eval_tokens, exact, prior, steps, kl_curve, ce_curve, train_loss, time.perf_counter() - start)
 
 
 def _train(params: Params, progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     t = train(params, progress)
     family, net, eval_tokens, exact, prior = params.family, t.net, t.eval_tokens, t.exact, t.prior
-    steps, kl_curve, ce_curve, train_loss, seconds = t.steps, t.kl_curve, t.ce_curve, t.train_loss, t.seconds
+    steps, kl_curve, ce_curve, train_loss = t.steps, t.kl_curve, t.ce_curve, t.train_loss
+    timing.record("train_seconds", t.seconds)
     ev = evaluate(net, eval_tokens, exact)
     kl_prior = kl_per_example(exact, prior)
     kl_mean, kl_lo, kl_hi = bootstrap_mean_ci(ev["kl"].numpy(), seed=params.seed)
@@ -165,7 +176,6 @@ def _train(params: Params, progress: bool) -> tuple[dict[str, np.ndarray], dict[
     }
     n_params = sum(p.numel() for p in net.parameters())
     data = {
-        "train_seconds": round(seconds, 1),
         "n_params": int(n_params),
         "n_hypotheses": len(family.slopes) * len(family.intercepts),
         "vocab": family.vocab,

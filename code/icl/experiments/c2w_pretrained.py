@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from icl import finetune as ft
-from icl import scoring, tasks
+from icl import scoring, tasks, timing
+from icl.experiments import TASKS, between, each_float, each_int, one_of
 
 NAME = "c2w_pretrained"
 VERSION = 1
@@ -60,6 +61,9 @@ class Params:
             raise ValueError("Q1 needs a rule the model can learn; the random rule has none")
         if not all(int(k) >= 1 for k in self.ks) or self.n_query < 1 or self.n_contexts < 2:
             raise ValueError("need every k >= 1, n_query >= 1 and n_contexts >= 2")
+        n_x = task.x_max - task.x_min + 1
+        if max(int(k) for k in self.ks) + self.n_query > n_x:
+            raise ValueError(f"need max(ks) + n_query <= {n_x}: a prompt's x values are distinct")
         if not all(0 < int(n) <= self.steps for n in self.record):
             raise ValueError("record steps must be in 1..steps")
         if self.optimizer not in ("adam", "sgd"):
@@ -67,6 +71,11 @@ class Params:
         if self.loss not in ("line", "answer"):
             raise ValueError("loss must be 'line' (every token after the first) or 'answer'")
         [float(x) for x in self.lrs]
+
+
+LIMITS = {"task": TASKS, "ks": each_int(1, 90), "lrs": each_float(1e-8, 1.0), "optimizer": one_of("adam", "sgd"),
+          "steps": between(1, 1000), "record": each_int(1, 1000), "n_contexts": between(2, 100),
+          "n_query": between(1, 90), "loss": one_of("line", "answer")}
 
 
 def prompts_for(p: Params) -> list[tasks.Prompt]:
@@ -133,12 +142,12 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
         return ids, targets
 
     nK, nL, nR = len(ks), len(lrs), len(record)
-    start = time.time()
+    start = time.perf_counter()
     hf.eval()
     # before any update: with no context and with each k
     base = [ft.score_answers(hf, *query_seqs(c, 0), pad_id) for c in range(C)]
     icl = [[ft.score_answers(hf, *query_seqs(c, k), pad_id) for c in range(C)] for k in ks]
-    icl_seconds = time.time() - start
+    timing.record("icl_seconds", time.perf_counter() - start)
 
     icl_logp = np.array([[s.logp.numpy() for s in row] for row in icl])  # [k, C, m]
     icl_exact = np.array([[s.exact.numpy() for s in row] for row in icl])
@@ -151,7 +160,7 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
     ft_base = np.full((nK, nL, nR, C, m), np.nan)  # KL(fine-tuned || no-context): how far it moved
     train_loss = np.full((nK, nL, nR + 1, C), np.nan)  # loss on the context lines after 0, record... steps
 
-    start = time.time()
+    start = time.perf_counter()
     runs = [(a, b, c) for a in range(nK) for b in range(nL) for c in range(C)]
     loss_slot = {0: 0} | {n: r + 1 for r, n in enumerate(record)}
     with ft.restoring(hf) as snapshot:
@@ -181,7 +190,9 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
                     gap[a, b, r, c] = ft.kl(icl[a][c].first, s.first).numpy()
                     ft_base[a, b, r, c] = ft.kl(s.first, base[c].first).numpy()
             del opt
-    finetune_seconds = time.time() - start
+    finetune_seconds = time.perf_counter() - start
+    timing.record("finetune_seconds", finetune_seconds)
+    timing.record("seconds_per_step", finetune_seconds / (len(runs) * p.steps))
     # the shared model must be exactly as it was: recompute the no-context scores and compare
     after = [ft.score_answers(hf, *query_seqs(c, 0), pad_id) for c in range(C)]
     unchanged = all(torch.equal(x.first, y.first) and torch.equal(x.logp, y.logp) for x, y in zip(base, after))
@@ -221,9 +232,6 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
         "model": loaded.spec.name,
         "task": p.task,
         "rule": tasks.get_task(p.task).rule,
-        "icl_seconds": round(icl_seconds, 1),
-        "finetune_seconds": round(finetune_seconds, 1),
-        "seconds_per_step": round(finetune_seconds / (len(runs) * p.steps), 3),
         "n_params": int(sum(q.numel() for q in hf.parameters())),
         "weights_restored": unchanged,
         "best": best,

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from icl import timing
+from icl.experiments import between, each_int, text
 from icl.toybayes import RuleFamily, answer_logprobs, exact_predictive, finetune_on_pairs, position0_params
 
 NAME = "c2w_toy"
@@ -75,11 +77,20 @@ class Params:
             raise ValueError("need at least two contexts")
 
 
+LIMITS = {"ks": each_int(1, 63), "opts": text("optimizer settings sgd:LR or adam:LR, LR in 0 .. 10"),
+          "steps": between(1, 10_000), "record": each_int(1, 10_000), "n_contexts": between(2, 1024),
+          "distil": text("sgd:LR or adam:LR", empty=True)}
+
+
 def parse_opt(spec: str) -> tuple[str, float]:
     name, _, lr = spec.partition(":")
-    if name not in ("sgd", "adam") or not lr:
-        raise ValueError(f"optimizer setting {spec!r} is not 'sgd:LR' or 'adam:LR'")
-    return name, float(lr)
+    try:
+        rate = float(lr)
+    except ValueError:
+        rate = float("nan")
+    if name not in ("sgd", "adam") or not 0 <= rate <= 10:
+        raise ValueError(f"optimizer setting {spec!r} is not 'sgd:LR' or 'adam:LR' with LR in 0 .. 10")
+    return name, rate
 
 
 def contexts(p: Params, family: RuleFamily) -> torch.Tensor:
@@ -122,6 +133,7 @@ def _compute(p: Params, toy_entry: Any, progress: bool) -> tuple[dict[str, np.nd
     if max(int(k) for k in p.ks) >= bp.k:
         raise ValueError(f"the model reads at most {bp.k} pairs: every k must be below {bp.k}")
     trained = bayes_toy.train(bp, progress)
+    timing.record("train_seconds", trained.seconds)
     kl_curve = np.stack(trained.kl_curve).astype(np.float32)
     loss_curve = np.array(trained.train_loss, dtype=np.float32)
     reproduced = bool(np.array_equal(kl_curve, toy_entry.arrays["kl_over_training"])
@@ -139,7 +151,7 @@ def _compute(p: Params, toy_entry: Any, progress: bool) -> tuple[dict[str, np.nd
     C, nx, nK, nO, nR = p.n_contexts, family.n_x, len(ks), len(opts), len(record)
     ctx = contexts(p, family)
     xq = torch.arange(nx)  # every query x
-    start = time.time()
+    start = time.perf_counter()
 
     with torch.no_grad():
         alone = torch.stack([xq, torch.zeros_like(xq)], 1)  # [nx, 2]: "x ?"
@@ -214,7 +226,7 @@ def _compute(p: Params, toy_entry: Any, progress: bool) -> tuple[dict[str, np.nd
                 distil_gap[a, r] = qmean(_kl(icl, preds[n]))
                 distil_exact[a, r] = qmean(_kl(exact, preds[n]))
                 distil_delta[a, r] = moved[n].numpy()
-    finetune_seconds = time.time() - start
+    timing.record("finetune_seconds", time.perf_counter() - start)
 
     finite = np.isfinite(gap)
     diverged = (~finite).mean(-1)  # [k, opt, n]: fraction of contexts with a non-finite KL
@@ -260,8 +272,6 @@ def _compute(p: Params, toy_entry: Any, progress: bool) -> tuple[dict[str, np.nd
         "bayes_toy_entry": toy_entry.key[:16],
         "reproduces_bayes_toy": reproduced,
         "bayes_toy_curve_max_abs_diff": curve_diff,
-        "train_seconds": round(trained.seconds, 1),
-        "finetune_seconds": round(finetune_seconds, 1),
         "best": best,
         "threads": THREADS,
         "n_x": nx,

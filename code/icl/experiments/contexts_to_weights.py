@@ -30,6 +30,8 @@ import torch
 
 from icl import attention_algebra as aa
 from icl import regression as rg
+from icl import timing
+from icl.experiments import between, each_float, each_int, reporter
 
 NAME = "contexts_to_weights"
 VERSION = 1
@@ -63,6 +65,11 @@ class Params:
         [float(x) for x in self.lrs]
 
 
+LIMITS = {"ks": each_int(1, 127), "lrs": each_float(1e-6, 10.0), "steps": between(1, 10_000),
+          "record": each_int(1, 10_000), "n_contexts": between(1, 1024), "n_query": between(1, 1024),
+          "value_noise": between(0.0, 10.0)}
+
+
 def contexts(p: Params) -> rg.Tasks:
     from icl.experiments import icl_regression
 
@@ -92,8 +99,10 @@ def compute(params: Params, model: Any = None, progress: bool = False,
         net = icl_regression.load_model(reg_entry)
         d = reg_entry.data["params"]["d"]
         ks, lrs, record = [int(k) for k in p.ks], [float(x) for x in p.lrs], [int(n) for n in p.record]
+        say = reporter(NAME, progress)
         t = contexts(p)
         nK, nL, nR, C, m = len(ks), len(lrs), len(record), p.n_contexts, p.n_query
+        say(f"in-context predictions for k in {ks}, {C} contexts x {m} queries")
         icl = np.zeros((nK, C, m))
         ft = np.zeros((nK, nL, nR, C, m))
         truth = t.yq.numpy()
@@ -101,7 +110,8 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             base = net.predict(t.X[:, :0], t.y[:, :0], t.Xq).numpy()  # T_w(x): no context
             for a, k in enumerate(ks):
                 icl[a] = net.predict(t.X[:, :k], t.y[:, :k], t.Xq).numpy()
-        start = time.time()
+        say(f"fine-tuning {nK * nL * C} model copies for {p.steps} steps (k x learning rate x context)")
+        start = time.perf_counter()
         # every (k, lr, context) is one copy of the model; all are fine-tuned together
         K = max(ks)
         grid = [(a, b, c) for a in range(nK) for b in range(nL) for c in range(C)]
@@ -111,7 +121,7 @@ def compute(params: Params, model: Any = None, progress: bool = False,
         preds = rg.finetune_many(net, t.X[idx_c, :K], t.y[idx_c, :K], mask, t.Xq[idx_c], lr_t, p.steps, record)
         for r, n in enumerate(record):
             ft[:, :, r] = preds[n].view(nK, nL, C, m).numpy()
-        finetune_seconds = time.time() - start
+        timing.record("finetune_seconds", time.perf_counter() - start)
         finite = np.isfinite(ft)
         ft_safe = np.where(finite, ft, np.nan)
         with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
@@ -136,6 +146,7 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             best[str(k)] = {"lr": lrs[b], "steps": record[r], "gap": float(gap[a, b, r]),
                             "gap_no_update": float(gap0[a]), "finetune_error": float(ft_err[a, b, r]),
                             "icl_error": float(icl_err[a])}
+        say("modified-keys check of the attention algebra")
         mk = {name: aa.modified_keys_error(np.asarray(SCALES), value_noise=vn, seed=p.seed)
               for name, vn in (("same_values", 0.0), ("value_noise", p.value_noise))}
         for name, res in mk.items():
@@ -144,7 +155,6 @@ def compute(params: Params, model: Any = None, progress: bool = False,
         arrays["modified_keys.scales"] = np.asarray(SCALES)
         data = {
             "regression_entry": reg_entry.key[:16],
-            "finetune_seconds": round(finetune_seconds, 1),
             "best": best,
             "threads": THREADS,
             "params": json.loads(json.dumps(asdict(p))),

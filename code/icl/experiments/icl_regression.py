@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +23,9 @@ import numpy as np
 import torch
 
 from icl import regression as rg
+from icl import timing
 from icl import toymodels as tm
+from icl.experiments import between
 from icl.stats import bootstrap_mean_ci
 
 NAME = "icl_regression"
@@ -58,6 +59,15 @@ class Params:
     def validate(self) -> None:
         if self.d < 1 or self.max_k < 2 or self.noise < 0 or self.lsa_k < 1:
             raise ValueError("need d >= 1, max_k >= 2, noise >= 0, lsa_k >= 1")
+        if self.d_model % self.n_heads:
+            raise ValueError("d_model must be a multiple of n_heads")
+
+
+LIMITS = {"d": between(1, 64), "max_k": between(2, 128), "noise": between(0.0, 10.0), "d_model": between(8, 512),
+          "n_layers": between(1, 12), "n_heads": between(1, 16), "steps": between(1, 100_000),
+          "batch": between(1, 4096), "lr": between(1e-6, 1.0), "warmup": between(1, 100_000),
+          "n_eval": between(2, 20_000), "n_boot": between(20, 10_000), "lsa_k": between(1, 128),
+          "lsa_steps": between(1, 100_000), "lsa_lr": between(1e-6, 10.0), "lsa_batch": between(1, 8192)}
 
 
 def model_config(p: Params) -> rg.RegressionConfig:
@@ -160,9 +170,8 @@ def lsa_checks(p: Params) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     out["context_as_weights"] = {"sum_max_abs_error": e_sum, "gd_on_M_max_abs_error": e_grad,
                                  "gd_on_M_lr": k ** 2 / lr, "n_tasks": int(t.X.shape[0])}
     # 3. a trained linear self-attention layer
-    start = time.time()
-    trained, losses = rg.lsa_train(d, k, p.noise, p.lsa_steps, p.lsa_lr, p.lsa_batch, seed=p.seed)
-    out["lsa_train_seconds"] = round(time.time() - start, 1)
+    with timing.timed("lsa_train_seconds"):
+        trained, losses = rg.lsa_train(d, k, p.noise, p.lsa_steps, p.lsa_lr, p.lsa_batch, seed=p.seed)
     arrays["lsa.P"] = trained.P.detach().numpy().astype(np.float32)
     arrays["lsa.Q"] = trained.Q.detach().numpy().astype(np.float32)
     arrays["lsa.train_loss"] = np.asarray(losses, dtype=np.float32)
@@ -196,9 +205,8 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        start = time.time()
-        net, losses = train_model(p, progress)
-        train_seconds = time.time() - start
+        with timing.timed("train_seconds"):
+            net, losses = train_model(p, progress)
         ev, cal = eval_tasks(p)
         with torch.no_grad():
             pred = net.predict_all(ev.X, ev.y).double().numpy()
@@ -220,7 +228,6 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
         arrays.update(lsa_arrays)
         data = {
             "errors": summary,
-            "train_seconds": round(train_seconds, 1),
             "n_params": sum(x.numel() for x in net.parameters()),
             "final_train_loss": float(np.mean(losses[-100:])),
             "lsa": lsa,

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from icl.errors import ConfigError
+from icl.experiments import between
 from icl.scoring import token_logprobs
 from icl.stats import bootstrap_mean_ci
 
@@ -49,6 +51,11 @@ class Params:
     def validate(self) -> None:
         if not 0 <= self.early - self.halfwidth < self.early < self.late < self.late + self.halfwidth < self.window:
             raise ValueError("need 0 <= early - halfwidth < early < late and late + halfwidth < window")
+
+
+LIMITS = {"window": between(16, 2048), "max_windows_per_doc": between(1, 256), "n_windows": between(2, 2048),
+          "early": between(1, 2047), "late": between(2, 2047), "halfwidth": between(0, 256),
+          "n_boot": between(20, 10_000)}
 
 
 def documents() -> list[tuple[str, str]]:
@@ -81,7 +88,10 @@ def windows(tokenizer, params: Params) -> list[list[int]]:
         for w in range(min(len(ids) // params.window, params.max_windows_per_doc)):
             out.append(ids[w * params.window : (w + 1) * params.window])
     if len(out) < params.n_windows:
-        raise ValueError(f"the shipped text gives only {len(out)} windows of {params.window} tokens")
+        # The count depends on the model's tokenizer, so this is checked once the model is loaded.
+        raise ConfigError(f"{NAME}: the shipped text gives only {len(out)} windows of {params.window} tokens "
+                          f"(at most {params.max_windows_per_doc} per document) with this model's tokenizer; "
+                          f"use --set n_windows={len(out)} or less")
     return out[: params.n_windows]
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from icl import heads, tasks
+from icl.errors import ConfigError
+from icl.experiments import TASKS, between, reporter
 from icl.runner import LlamaStack
 from icl.scoring import encode
 from icl.stats import bootstrap_mean_ci
@@ -57,6 +59,11 @@ class Params:
             raise ValueError("need n_seqs >= 2, half >= 4, n_prompts >= 2, k >= 2")
         if not 0 <= self.token_low < self.token_high - self.half:
             raise ValueError("the random-token range must hold more than `half` tokens")
+
+
+LIMITS = {"n_seqs": between(2, 1000), "half": between(4, 1000), "tasks": TASKS, "n_prompts": between(2, 1000),
+          "k": between(2, 99), "n_boot": between(20, 10_000), "batch_size": between(1, 256),
+          "token_low": between(0, 1_000_000), "token_high": between(1, 1_000_000)}
 
 
 def random_tokens(params: Params) -> np.ndarray:
@@ -96,11 +103,17 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     torch.manual_seed(params.seed)
     bridge, tok = model.bridge, model.tokenizer
     stack = LlamaStack(bridge)
+    vocab = int(stack.W_E.shape[0])
+    if params.token_high > vocab:  # the vocabulary is the model's, so this is checked once it is loaded
+        raise ConfigError(f"{NAME}: parameter token_high={params.token_high} is beyond this model's "
+                          f"vocabulary of {vocab} tokens; use --set token_high={vocab} or less")
     L, H = stack.n_layers, stack.n_heads
     device = bridge.cfg.device
     arrays: dict[str, np.ndarray] = {}
+    say = reporter(NAME, progress)
 
     # 1. repeated random tokens
+    say(f"{params.n_seqs} repeated random sequences: loss and prefix-matching / previous-token scores")
     bos = list(tok("", add_special_tokens=True)["input_ids"])
     rep = torch.tensor(random_tokens(params), dtype=torch.long)
     ids = torch.cat([torch.tensor([bos] * params.n_seqs, dtype=torch.long).reshape(params.n_seqs, len(bos)), rep], 1)
@@ -132,6 +145,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     # 2. copying scores from weights (eigenvalues of the OV circuit W_E W_V W_O W_U). Its non-zero
     # eigenvalues depend on W_U W_E only through their d_model x d_model product, so we form that once
     # (in float64) and pass it with an identity: same scores, without a vocab-sized product per head.
+    say(f"copying scores of {L * H} heads from their OV circuits")
     W_E = stack.W_E.double()
     W_E = W_E * torch.rsqrt(W_E.pow(2).mean(-1, keepdim=True) + stack.eps)  # as the first RMSNorm sees it
     W_U = (stack.W_U.double() * stack.ln_final.double()[None]).T  # [d_model, vocab]
@@ -145,7 +159,9 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     # 3. attention in the task prompts, from the answer position of the query
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     att_summary = {}
-    for name, prompts in prompts_for(params).items():
+    suite = prompts_for(params)
+    for t, (name, prompts) in enumerate(suite.items(), 1):
+        say(f"task {t}/{len(suite)} {name}: attention from the query's answer position, {len(prompts)} prompts")
         to_first = np.zeros((len(prompts), L, H))
         to_answers = np.zeros((len(prompts), L, H))
         to_xs = np.zeros((len(prompts), L, H))

@@ -44,8 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from icl import slt, toymodels as tm
+from icl import slt, timing, toymodels as tm
 from icl.experiments import phase_change as pc
+from icl.experiments import between, each_int
 
 NAME = "llc_phase_change"
 VERSION = 1
@@ -91,6 +92,12 @@ class Params:
             raise ValueError("need num_chains >= 2 and 0 <= num_burnin < num_steps")
         if self.step_size <= 0 or self.gamma < 0:
             raise ValueError("need step_size > 0 and gamma >= 0")
+
+
+LIMITS = {"steps": between(1, 100_000), "eval_every": between(1, 100_000), "d_model": between(8, 512),
+          "checkpoints": each_int(0, 100_000), "n": between(2, 100_000), "batch_size": between(1, 100_000),
+          "step_size": between(1e-9, 1.0), "gamma": between(0.0, 1e9), "num_chains": between(2, 64),
+          "num_steps": between(1, 100_000), "num_burnin": between(0, 100_000)}
 
 
 def checkpoint_steps(p: Params) -> list[int]:
@@ -157,9 +164,8 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             if step in wanted:
                 states[step] = copy.deepcopy(net.state_dict())
 
-        start = time.time()
-        net, log, losses = pc._train_one(q, 2, data, heldout, probe, progress, on_checkpoint=keep)
-        train_s = time.time() - start
+        with timing.timed("train_seconds"):
+            net, log, losses = pc._train_one(q, 2, data, heldout, probe, progress, on_checkpoint=keep)
         best_induction = log["prefix_matching"][:, 1].max(-1)  # [evals] layer-1 best head
         arrays: dict[str, np.ndarray] = {
             "train_loss": np.asarray(losses, dtype=np.float32),
@@ -179,9 +185,8 @@ def compute(params: Params, model: Any = None, progress: bool = False,
         grad_norm = np.empty(K)
         idx = np.linspace(0, p.num_steps - 1, TRACE_POINTS).astype(int)
         traces = np.empty((K, C, TRACE_POINTS), dtype=np.float32)
-        llc_seconds = []
         for k, step in enumerate(wanted):
-            t0 = time.time()
+            t0 = time.perf_counter()
             ckpt = tm.AttnOnlyTransformer(pc.model_config(q, 2))
             ckpt.load_state_dict(states[step])
             w_star, loss = sequence_loss_fn(ckpt, tokens)
@@ -194,7 +199,7 @@ def compute(params: Params, model: Any = None, progress: bool = False,
                                seed=40_000 + p.seed)
             llc_chains[k] = res.llc_chains
             traces[k] = (res.nbeta * res.loss_trace[:, idx]).astype(np.float32)
-            llc_seconds.append(time.time() - t0)
+            timing.record("llc_seconds", time.perf_counter() - t0)
             if progress:
                 print(f"step {step}: LLC {res.llc:.1f} ± {res.spread:.1f} (chains {np.round(res.llc_chains, 1)})",
                       flush=True)
@@ -217,8 +222,6 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             "tokens_per_sample": int(tokens.shape[1] - 1),
             "n_params": net.n_params(),
             "all_finite": bool(np.isfinite(llc_chains).all()),
-            "train_seconds": round(train_s, 1),
-            "llc_seconds": round(float(sum(llc_seconds)), 1),
             "threads": THREADS,
             "params": json.loads(json.dumps(dataclasses.asdict(p))),
         }

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from icl import tasks
+from icl.experiments import TASKS, between, reporter
 from icl.lens import answer_lens
 from icl.runner import LlamaStack
 from icl.stats import bootstrap_mean_ci, first_at_least
@@ -46,6 +47,9 @@ class Params:
             raise ValueError("need n_prompts >= 2 and k >= 2 (at least one context example)")
 
 
+LIMITS = {"tasks": TASKS, "n_prompts": between(2, 2000), "k": between(2, 99), "n_boot": between(20, 10_000)}
+
+
 def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
     params.validate()
     return tasks.make_suite(params.tasks, params.n_prompts, params.k, params.seed)
@@ -66,7 +70,10 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     arrays: dict[str, np.ndarray] = {}
     summary: dict[str, Any] = {}
     n_layers = stack.n_layers
-    for name, prompts in prompts_for(params).items():
+    say = reporter(NAME, progress)
+    suite = prompts_for(params)
+    for t, (name, prompts) in enumerate(suite.items(), 1):
+        say(f"task {t}/{len(suite)} {name}: {len(prompts)} prompts through {n_layers} layers")
         res = answer_lens(stack, model.tokenizer, prompts, batch_size=BATCH_SIZE)
         arrays[f"{name}.p_first"] = res.p_first.astype(np.float32)
         arrays[f"{name}.rank_first"] = res.rank_first.astype(np.int32)

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from icl import patching, tasks
+from icl.experiments import TASKS, between, reporter
 from icl.runner import LlamaStack
-from icl.stats import first_at_least
+from icl.stats import first_at_least, resampled_means
 
 NAME = "patching"
 VERSION = 2
@@ -51,6 +52,10 @@ class Params:
             raise ValueError("threshold must be in (0, 1]")
 
 
+LIMITS = {"tasks": TASKS, "n_pairs": between(2, 500), "k": between(2, 99), "n_boot": between(20, 10_000),
+          "threshold": between(0.01, 1.0)}
+
+
 def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
     """The first ``n_pairs`` prompts (seeded) whose query x has two digits."""
     params.validate()
@@ -75,7 +80,7 @@ def bootstrap_recovered(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
     lp = logp.astype(np.float64)
-    num = lp[idx].mean(1) - logp_b[idx].mean(1).reshape((n_boot,) + (1,) * (lp.ndim - 1))
+    num = resampled_means(lp, idx) - logp_b[idx].mean(1).reshape((n_boot,) + (1,) * (lp.ndim - 1))
     den = (logp_a[idx].mean(1) - logp_b[idx].mean(1)).reshape((n_boot,) + (1,) * (lp.ndim - 1))
     boots = num / den
     lo, hi = np.quantile(boots, [0.025, 0.975], axis=0)
@@ -116,7 +121,11 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     arrays: dict[str, np.ndarray] = {}
     summary: dict[str, Any] = {}
     q_tokens = None
-    for name, prompts in prompts_for(params).items():
+    say = reporter(NAME, progress)
+    suite = prompts_for(params)
+    for t, (name, prompts) in enumerate(suite.items(), 1):
+        say(f"task {t}/{len(suite)} {name}: {len(prompts)} pairs, residual/attention/MLP patches at every "
+            f"layer and query position")
         pairs = patching.make_pairs(tok, prompts)
         acts, logp_a = patching.a_activations(model.bridge, tok, pairs)
         grid = patching.fast_patch(stack, pairs, acts)

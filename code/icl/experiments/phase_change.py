@@ -27,7 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from icl import heads, toymodels as tm
+from icl import heads, timing, toymodels as tm
+from icl.experiments import between
 
 NAME = "phase_change"
 VERSION = 1
@@ -61,6 +62,15 @@ class Params:
             raise ValueError("need 0 < icl_early < probe_len <= icl_late < 2 * probe_len <= n_ctx")
         if self.steps < self.eval_every or self.eval_every < 1:
             raise ValueError("need steps >= eval_every >= 1")
+        if self.d_model % self.n_heads or self.n_successors > self.vocab:
+            raise ValueError("need d_model a multiple of n_heads and n_successors <= vocab")
+
+
+LIMITS = {"steps": between(1, 100_000), "lr": between(1e-6, 1.0), "batch": between(1, 1024),
+          "eval_every": between(1, 100_000), "d_model": between(8, 512), "n_heads": between(1, 16),
+          "vocab": between(4, 1024), "n_ctx": between(8, 512), "n_successors": between(1, 1024),
+          "n_heldout": between(2, 4096), "n_probe": between(2, 4096), "probe_len": between(2, 256),
+          "icl_early": between(1, 511), "icl_late": between(2, 511), "induction_threshold": between(0.0, 1.0)}
 
 
 def data_spec(p: Params) -> tm.MarkovRepeatSpec:
@@ -184,8 +194,6 @@ def _ablations(model: tm.AttnOnlyTransformer, heldout: torch.Tensor, probe: torc
 
 
 def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    import time
-
     p = params
     p.validate()
     threads = torch.get_num_threads()
@@ -196,9 +204,8 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
         summary: dict[str, Any] = {}
         trained = {}
         for n_layers in (2, 1):
-            start = time.time()
-            net, log, losses = _train_one(p, n_layers, data, heldout, probe, progress)
-            took = time.time() - start
+            with timing.timed(f"L{n_layers}.train_seconds"):
+                net, log, losses = _train_one(p, n_layers, data, heldout, probe, progress)
             trained[n_layers] = net
             tag = f"L{n_layers}"
             arrays[f"{tag}.train_loss"] = np.asarray(losses, dtype=np.float32)
@@ -212,7 +219,6 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
             arrays[f"{tag}.best_induction"] = best_induction.astype(np.float32)
             summary[tag] = {
                 "n_params": net.n_params(),
-                "train_seconds": round(took, 1),
                 "final_heldout_loss": float(log["heldout_loss"][-1].mean()),
                 "final_icl_score": float(icl[-1]),
                 "initial_icl_score": float(icl[0]),

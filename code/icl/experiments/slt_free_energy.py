@@ -29,6 +29,7 @@ import sympy as sp
 import torch
 
 from icl import slt
+from icl.experiments import between, each_float, reporter
 
 NAME = "slt_free_energy"
 VERSION = 1
@@ -73,6 +74,11 @@ class Params:
             raise ValueError("need n_datasets >= 2 and at least one data size")
         for v in self.data_log10_n:
             float(v)
+
+
+LIMITS = {"log10_n_min": between(0.0, 10.0), "log10_n_max": between(0.0, 10.0), "n_points": between(5, 1000),
+          "fit_log10_n_min": between(0.0, 10.0), "fit_large_log10_n_min": between(0.0, 10.0),
+          "data_log10_n": each_float(1.0, 7.0), "n_datasets": between(2, 1000), "n_boot": between(20, 10_000)}
 
 
 def content_digest(params: Params) -> str:
@@ -127,11 +133,13 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     np.random.seed(params.seed)
     arrays: dict[str, np.ndarray] = {}
     summary: dict[str, Any] = {}
+    say = reporter(NAME, progress)
     ns = np.logspace(params.log10_n_min, params.log10_n_max, params.n_points)
     arrays["n"] = ns
     fit = ns >= 10 ** params.fit_log10_n_min - 1e-9
     nodes = slt.graded_nodes(lo_exp=-14.0, ratio=2.0, order=16)
     for name, (K, lam, m) in MODELS.items():
+        say(f"{name}: evidence by quadrature at {params.n_points} sizes vs the SymPy expansion")
         f = sp.lambdify((a_, b_), K, "numpy")
         logZ = slt.log_evidence(f, ns, nodes)
         expansion = _expansion(K)
@@ -164,6 +172,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     data_ns = np.array([round(10 ** float(v)) for v in params.data_log10_n])
     arrays["data.n"] = data_ns.astype(np.float64)
     for name, (spec, lam, m) in DATA_MODELS.items():
+        say(f"{name}: empirical free energy, {len(data_ns)} sizes x {params.n_datasets} datasets")
         Fd = np.empty((len(data_ns), params.n_datasets))
         for i, n in enumerate(data_ns):
             for r in range(params.n_datasets):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from icl import slt
+from icl.experiments import between, each_float, each_int, text
 
 NAME = "slt_llc"
 VERSION = 1
@@ -39,6 +40,7 @@ USES_MODEL = False
 DESCRIPTION = "SGLD local learning coefficient vs known RLCTs (regular, monomial, reduced-rank regression)"
 TORCH_THREADS = 1
 TRACE_POINTS = 200
+MODEL_SPECS = "model specs linear-D (D <= 1000), mono-P1[-P2..-P4] (P <= 10), rrr-M-N-H-r (<= 100, r <= H)"
 
 
 @dataclass(frozen=True)
@@ -76,16 +78,27 @@ class Params:
                 raise ValueError("batch sizes must be in 1..n")
 
 
+LIMITS = {"models": text(MODEL_SPECS), "n": between(100, 1_000_000), "step_size": between(1e-9, 1.0),
+          "gamma": between(0.0, 1e6), "num_chains": between(2, 64), "num_steps": between(1, 1_000_000),
+          "num_burnin": between(0, 1_000_000), "n_datasets": between(1, 20), "sweep_models": text(MODEL_SPECS),
+          "sweep_step_sizes": each_float(1e-9, 1.0), "sweep_num_steps": between(1, 1_000_000),
+          "gamma_models": text(MODEL_SPECS), "gamma_values": each_float(1e-6, 1e6), "batch_models": text(MODEL_SPECS),
+          "batch_sizes": each_int(1, 1_000_000)}
+
+
 def parse(spec: str) -> tuple[str, tuple[int, ...]]:
     kind, *rest = spec.split("-")
-    nums = tuple(int(v) for v in rest)
-    if kind == "linear" and len(nums) == 1 and nums[0] >= 1:
+    try:
+        nums = tuple(int(v) for v in rest)
+    except ValueError:
+        nums = ()
+    if kind == "linear" and len(nums) == 1 and 1 <= nums[0] <= 1000:
         return kind, nums
-    if kind == "mono" and 1 <= len(nums) <= 4 and all(v >= 1 for v in nums):
+    if kind == "mono" and 1 <= len(nums) <= 4 and all(1 <= v <= 10 for v in nums):
         return kind, nums
-    if kind == "rrr" and len(nums) == 4 and 0 <= nums[3] <= nums[2] and min(nums[:3]) >= 1:
+    if kind == "rrr" and len(nums) == 4 and 0 <= nums[3] <= nums[2] and 1 <= min(nums[:3]) and max(nums[:3]) <= 100:
         return kind, nums
-    raise ValueError(f"bad model spec {spec!r}: use linear-D, mono-P1-P2..., rrr-M-N-H-r")
+    raise ValueError(f"bad model spec {spec!r}: use {MODEL_SPECS}")
 
 
 def truth(spec: str) -> tuple[float, int, int]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from icl import tasks
+from icl.experiments import TASKS, between
 from icl.scoring import score_examples
 from icl.stats import bootstrap_mean_ci
 
@@ -45,6 +46,9 @@ class Params:
             tasks.get_task(name)
         if self.n_prompts < 2 or self.k < 1:
             raise ValueError("need n_prompts >= 2 and k >= 1")
+
+
+LIMITS = {"tasks": TASKS, "n_prompts": between(2, 2000), "k": between(1, 99), "n_boot": between(20, 10_000)}
 
 
 def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
