@@ -90,7 +90,7 @@ def record(name: str, overrides: dict[str, str], key: str, meta_json: Path) -> N
 def why_stale(root: Path, document: Path) -> str | None:
     """Why the frozen results of ``document`` no longer match the cache, or ``None`` if they do."""
     from icl import experiments
-    from icl.cache import Cache, key_of
+    from icl.cache import key_of
     from icl.config import Config
     from icl.errors import ICLError
 
@@ -115,7 +115,7 @@ def why_stale(root: Path, document: Path) -> str | None:
             return f"{name}: {exc}"
         if key != item["key"]:
             return f"{name} now has another cache key (code, model or parameters changed)"
-        meta = Cache(config.cache_dir).path_for(name, key) / "meta.json"
+        meta = experiments.cache_for(module, params, config).path_for(name, key) / "meta.json"
         if not meta.is_file():
             return f"{name}: its cache entry is gone"
         if digest(meta) != item["meta_sha256"]:
