@@ -33,6 +33,7 @@ def _run(args, tmp_path, **env):
     (["run", "surprisal", "--set", "tasks="], "tasks= is empty"),
     (["run", "surprisal", "--set", "n_prompts=100000000"], "n_prompts=100000000 is out of range"),
     (["run", "surprisal", "--set", "tasks=affine-3x+1"], "unknown task 'affine-3x+1': use a task of the suite"),
+    (["run", "all", "--jobs", "0"], "--jobs must be at least 1, got 0"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(args, message, tmp_path, capsys, monkeypatch):
     """Refused before any model is loaded or anything is computed or written."""
@@ -261,3 +262,13 @@ def test_cache_status_labels_entries_by_what_they_are(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert "missing for llama-3-8b, keys not known yet: surprisal, bayes_fit" in out
     assert "16 missing for llama-3-8b" in out
+
+
+def test_run_all_with_jobs_computes_nothing_that_is_cached(tmp_path):
+    """With every entry committed, `run all --jobs 2` starts no worker and reports them all cached."""
+    from icl import experiments
+    from icl.config import REPO_ROOT
+
+    out = _run(["run", "all", "--jobs", "2"], tmp_path, ICL_CACHE_DIR=str(REPO_ROOT / "cache"))
+    assert out.returncode == 0, out.stderr
+    assert f"0 computed, {len(experiments.names())} already cached" in out.stdout

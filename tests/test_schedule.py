@@ -91,3 +91,9 @@ def test_a_cycle_is_a_config_error(fakes, monkeypatch):
     monkeypatch.setattr(a, "DEPENDS", ("fake_d",), raising=False)
     with pytest.raises(ConfigError, match="cycle"):
         schedule.closure(["fake_d"])
+
+
+def test_critical_path_puts_a_long_chain_first(fakes):
+    rank = schedule.critical_path(["fake_a", "fake_b", "fake_c", "fake_d"],
+                                  {"fake_a": 1.0, "fake_b": 5.0, "fake_c": 1.0, "fake_d": 2.0})
+    assert rank == {"fake_d": 2.0, "fake_b": 7.0, "fake_c": 3.0, "fake_a": 8.0}

@@ -53,6 +53,9 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("--dtype", help="float32, bfloat16, float16 (ICL_DTYPE)")
     run.add_argument("--seed", type=int, help="seed for prompts and resampling")
     run.add_argument("--force", action="store_true", help="recompute and replace the cached entry")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="compute up to N experiments at once, each in its own process with one torch thread "
+                          "(CPU only; default 1)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override an experiment parameter (repeatable); see the list below or "
                           "python -m icl list --params")
@@ -62,6 +65,8 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     book.add_argument("--no-render", action="store_true",
                       help="fill the cache and check the chapters' sources; skip quarto render")
     book.add_argument("--quiet", action="store_true", help="do not echo Quarto's output (it is still checked)")
+    book.add_argument("--jobs", type=int, default=1, metavar="N",
+                      help="compute missing cache entries N at a time (see run --jobs)")
     return p
 
 
@@ -149,6 +154,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name, params in plan:
             if config.cache_mode == "refresh" or not experiments.is_cached(name, config, params):
                 experiments.check_writable(name, config, params)
+    if _parallel(args.jobs, spec, config):
+        from icl import schedule
+
+        start = time.time()
+        done = schedule.run_many(names, config, jobs=args.jobs, overrides={n: overrides for n in names},
+                                 seed=args.seed, expected_s=schedule.committed_seconds(config))
+        computed = sum(d.computed for d in done)
+        print(f"{computed} computed, {len(done) - computed} already cached, in {time.time() - start:.0f} s "
+              f"with {args.jobs} jobs")
+        return 0
     loaded = None
     for name, params in plan:
         start = time.time()
@@ -157,6 +172,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         what = "computed" if (entry.path / "meta.json").stat().st_mtime >= start - 1 else "cached"
         print(f"{name}: {what} -> {_show(entry.path)} ({took:.1f} s)")
     return 0
+
+
+def _parallel(jobs: int, spec: models.ModelSpec, config: Config) -> bool:
+    """Whether to use worker processes; ``--jobs`` above 1 is for the CPU (one model per worker)."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if jobs > 1 and models.resolve_device(spec, config.device) != "cpu":
+        raise ConfigError(f"--jobs {jobs} loads one model per worker; on {config.device or spec.default_device} "
+                          "use --jobs 1")
+    return jobs > 1
 
 
 def cmd_cache(action: str) -> int:
@@ -241,6 +266,11 @@ def cmd_book(args: argparse.Namespace) -> int:
 
     config = Config.from_env()
     print(f"[1/3] cache entries for {config.model} (computing any that are missing) ...", flush=True)
+    if _parallel(args.jobs, models.resolve(config.model), config):
+        from icl import schedule
+
+        schedule.run_many(experiments.names(), config, jobs=args.jobs,
+                          expected_s=schedule.committed_seconds(config))
     loaded = None
     for name in experiments.names():
         entry, loaded = experiments.run(name, config, progress=True, loaded=loaded)

@@ -7,7 +7,8 @@ threads, and two torch threads fighting a second job for two cores are slower th
 :func:`run_many` runs up to ``jobs`` experiments in parallel, each in its own process with one torch
 thread, and starts an experiment only once every experiment it ``DEPENDS`` on has its cache entry
 (it then loads them from the cache like any other reader). Entries that are already cached are not
-touched. Longest experiments go first among those that are ready, so the slowest chain starts early.
+touched. Among the experiments that are ready, the one heading the longest chain of expected work
+(itself and what waits for it) goes first, so the slowest chain starts early.
 
 The processes are started with ``spawn`` (a fresh interpreter: no torch state or threads inherited
 across a fork), and each loads the model itself when its experiment needs one. Progress is one overall
@@ -81,6 +82,26 @@ def closure(names: list[str]) -> list[str]:
     return out
 
 
+def critical_path(names: list[str], expected_s: dict[str, float]) -> dict[str, float]:
+    """For each experiment, its expected time plus the longest chain of experiments (among ``names``)
+    that wait for it: starting the largest first keeps a long dependent chain from finishing last."""
+    dependents: dict[str, list[str]] = {n: [] for n in names}
+    for n in names:
+        for d in getattr(experiments.get(n), "DEPENDS", ()):
+            if d in dependents:
+                dependents[d].append(n)
+    rank: dict[str, float] = {}
+
+    def visit(n: str) -> float:
+        if n not in rank:
+            rank[n] = expected_s.get(n, 0.0) + max((visit(m) for m in dependents[n]), default=0.0)
+        return rank[n]
+
+    for n in names:
+        visit(n)
+    return rank
+
+
 def run_many(names: list[str], config: Config, jobs: int = 1, overrides: dict[str, dict[str, str]] | None = None,
              seed: int | None = None, expected_s: dict[str, float] | None = None,
              on_done: Callable[[Done], None] | None = None, registry: dict[str, str] | None = None) -> list[Done]:
@@ -104,6 +125,7 @@ def run_many(names: list[str], config: Config, jobs: int = 1, overrides: dict[st
     if not todo:
         return done
     pending = list(todo)
+    priority = critical_path(todo, expected_s)
     context = mp.get_context("spawn")
     bar = tqdm(total=len(todo), desc=f"experiments ({jobs} at a time)", unit="exp")
     with cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context, initializer=_init_worker,
@@ -112,7 +134,7 @@ def run_many(names: list[str], config: Config, jobs: int = 1, overrides: dict[st
         while pending or running:
             ready = [n for n in pending
                      if all(d in finished for d in getattr(experiments.get(n), "DEPENDS", ()))]
-            ready.sort(key=lambda n: -expected_s.get(n, 0.0))
+            ready.sort(key=lambda n: -priority[n])
             for name in ready[: max(1, jobs) - len(running)]:
                 pending.remove(name)
                 cfg = config if (refresh and name in names) else use
@@ -137,14 +159,23 @@ def run_many(names: list[str], config: Config, jobs: int = 1, overrides: dict[st
 
 
 def committed_seconds(config: Config) -> dict[str, float]:
-    """The ``elapsed_s`` each experiment's current entry recorded, where there is one (for ordering)."""
+    """Each experiment's ``elapsed_s`` as recorded by an entry in ``config.cache_dir`` (its current key's,
+    else the newest of an earlier version), for ordering only; experiments with no entry are absent."""
+    import json
+
     out: dict[str, float] = {}
     for name in experiments.names():
+        folder = config.cache_dir / name
+        metas = sorted(folder.glob("*/meta.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
         try:
             entry, _ = experiments.run(name, config.with_(cache_mode="readonly"))
-        except Exception:  # noqa: BLE001 - a missing or unreadable entry just has no estimate
-            continue
-        seconds: Any = entry.meta.get("elapsed_s") or entry.meta.get("provenance", {}).get("elapsed_s")
+            meta = entry.meta
+        except Exception:  # noqa: BLE001 - no current entry: fall back to an earlier one, if any
+            try:
+                meta = json.loads(metas[-1].read_text()) if metas else {}
+            except (OSError, ValueError):
+                meta = {}
+        seconds: Any = meta.get("elapsed_s")
         if isinstance(seconds, (int, float)):
             out[name] = float(seconds)
     return out

@@ -496,23 +496,39 @@ def run(name: str, config: Config, params: Any = None, progress: bool = False,
                                     else config, progress=progress, loaded=loaded)
     if module.USES_MODEL and loaded is None:
         loaded = models.load(config)
-    start = time.perf_counter()
-    with timing.collect() as times:
-        if upstream:
-            arrays, data = module.compute(params, loaded, progress=progress, upstream=upstream)
-        else:
-            arrays, data = module.compute(params, loaded, progress=progress)
-    elapsed = time.perf_counter() - start
     import torch
 
+    threads = threads_of(module)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # each experiment computes with its own, recorded, thread count
+    start = time.perf_counter()
+    try:
+        with timing.collect() as times:
+            if upstream:
+                arrays, data = module.compute(params, loaded, progress=progress, upstream=upstream)
+            else:
+                arrays, data = module.compute(params, loaded, progress=progress)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    elapsed = time.perf_counter() - start
     provenance = {
         "elapsed_s": round(elapsed, 2),
         "timing": {k: round(v, 3) for k, v in sorted(times.items())},  # stages; never in ``data``
         "device": loaded.device if loaded else "cpu",
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": used,
         "versions": _versions(),
     }
     return cache.store(inputs, arrays, data, provenance), loaded
+
+
+def threads_of(module: ModuleType) -> int:
+    """The torch thread count an experiment computes with: its ``THREADS`` (default 1).
+
+    One thread is the default because the experiments here are chains of small operations whose cost
+    is overhead, and because two threads competing with any other job for two cores are several times
+    slower than one; a fixed count also keeps training bit-for-bit reproducible."""
+    return int(getattr(module, "THREADS", getattr(module, "TORCH_THREADS", 1)))
 
 
 def _versions() -> dict[str, str]:

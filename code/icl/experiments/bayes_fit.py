@@ -24,6 +24,7 @@ CHAPTER = "report/02-bayes.qmd"
 USES_MODEL = False
 DEPENDS = ("surprisal",)
 DESCRIPTION = "maximum-likelihood fit of the two-hypothesis Bayesian update (A_0, c) vs a power law"
+THREADS = 1  # see icl.experiments.threads_of
 
 
 @dataclass(frozen=True)

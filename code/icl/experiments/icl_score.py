@@ -34,6 +34,7 @@ VERSION = 1
 CHAPTER = "report/01-surprisal.qmd"
 USES_MODEL = True
 DESCRIPTION = "ICL score (loss at token 500 minus token 50) on long text shipped with the package"
+THREADS = 1  # see icl.experiments.threads_of
 BATCH_SIZE = 4
 
 

@@ -30,6 +30,7 @@ VERSION = 1
 CHAPTER = "report/01-surprisal.qmd"
 USES_MODEL = True
 DESCRIPTION = "answer surprisal, P(correct) and exact match vs number of in-context examples, task suite"
+THREADS = 1  # see icl.experiments.threads_of
 BATCH_SIZE = 8
 
 

@@ -1,0 +1,110 @@
+"""Benchmark: every experiment computed from nothing, with worker processes, against the committed entries.
+
+Run from the repository root, with the venv set up:
+
+    python benchmarks/cold_compute.py [--jobs 2] [--out DIR]
+
+It computes every experiment into an empty cache folder (``--out``, a temporary folder by default) with
+:func:`icl.schedule.run_many` (``--jobs`` processes, one torch thread each, in ``DEPENDS`` order) and
+prints:
+
+* per experiment: its wall time in this run (model loading included, while sharing the machine with the
+  other job), the ``elapsed_s`` of the entry committed under ``cache/`` (the baseline: the same
+  experiment at the version committed before, computed one at a time), their ratio, and whether the
+  result is identical to the committed entry (same key and same data and arrays) or new (a new key:
+  the experiment's version changed);
+* the total wall time against the sum of the baselines, and their ratio;
+* per chapter, the cold time to reproduce that chapter alone (its experiments and their dependencies),
+  projected by scheduling this run's per-experiment times on ``--jobs`` workers the way
+  :func:`icl.schedule.run_many` does (the ready experiment heading the longest chain first).
+
+The targets of the project are at most 20 minutes for everything and 6 minutes for any one chapter on
+two cores. Timings depend on the machine and its load; this is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "code"))
+
+from icl import experiments, quarto, schedule  # noqa: E402
+from icl.cache import Cache  # noqa: E402
+from icl.config import Config  # noqa: E402
+
+
+def same_result(name: str, key: str, out: Path) -> str:
+    old = Cache(ROOT / "cache")
+    if not old.path_for(name, key).exists():
+        return "new key"
+    a, b = old.read(old.path_for(name, key)), Cache(out).read(Cache(out).path_for(name, key))
+    same_arrays = a.arrays.keys() == b.arrays.keys() and all(
+        a.arrays[k].dtype == b.arrays[k].dtype and np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+    return "identical" if same_arrays and a.meta["data_sha256"] == b.meta["data_sha256"] else "DIFFERS"
+
+
+def project(names: list[str], seconds: dict[str, float], jobs: int) -> float:
+    """Wall time of computing ``names`` and their dependencies on ``jobs`` workers (list scheduling)."""
+    todo = schedule.closure(names)
+    priority = schedule.critical_path(todo, seconds)
+    finish: dict[str, float] = {}
+    workers = [0.0] * jobs
+    pending = list(todo)
+    while pending:
+        ready = [n for n in pending if all(d in finish for d in getattr(experiments.get(n), "DEPENDS", ()))]
+        ready.sort(key=lambda n: -priority[n])
+        name = ready[0]
+        pending.remove(name)
+        w = min(range(jobs), key=lambda i: workers[i])
+        start = max([workers[w]] + [finish[d] for d in getattr(experiments.get(name), "DEPENDS", ())])
+        finish[name] = workers[w] = start + seconds[name]
+    return max(finish.values()) if finish else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", help="empty folder for the new entries (default: a temporary folder, kept)")
+    args = ap.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="icl-cold-"))
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"error: {out} is not empty")
+    config = Config.from_env().with_(cache_dir=out, cache_mode="use")
+    names = experiments.names()
+    recorded = schedule.committed_seconds(Config.from_env().with_(cache_dir=ROOT / "cache"))
+    baseline = {n: recorded.get(n) for n in names}
+    start = time.perf_counter()
+    done = schedule.run_many(names, config, jobs=args.jobs, expected_s={n: s or 0.0 for n, s in baseline.items()})
+    total = time.perf_counter() - start
+    took = {d.name: d.seconds for d in done}
+    print(f"\ncold compute of {len(names)} experiments with --jobs {args.jobs}, into {out}")
+    print(f"{'experiment':<22}{'now (s)':>9}{'committed (s)':>15}{'ratio':>8}  result")
+    for name in names:
+        entry, _ = experiments.run(name, config.with_(cache_mode="readonly"))
+        base = baseline[name]
+        ratio = f"{took[name] / base:.2f}" if base else "-"
+        print(f"{name:<22}{took[name]:>9.0f}{(base or float('nan')):>15.0f}{ratio:>8}  "
+              f"{same_result(name, entry.key, out)}")
+    base_sum = sum(s for s in baseline.values() if s)
+    print(f"{'total wall':<22}{total:>9.0f}{base_sum:>15.0f}{total / base_sum:>8.2f}  "
+          f"(committed: the sum of elapsed_s, one at a time)")
+    print(f"\nper chapter, projected from this run's times on {args.jobs} workers:")
+    for chapter in quarto.book_files(ROOT):
+        needs = sorted(set(re.findall(r'book\.load\("(\w+)"', chapter.read_text())))
+        if needs:
+            t = project(needs, took, args.jobs)
+            print(f"  {chapter.relative_to(ROOT).as_posix():<36}{t:>7.0f} s  ({', '.join(schedule.closure(needs))})")
+    print(f"\ntargets: all <= 1200 s ({'met' if total <= 1200 else 'NOT met'}); "
+          f"one chapter <= 360 s")
+
+
+if __name__ == "__main__":
+    main()
