@@ -1,5 +1,5 @@
-"""The llc_phase_change experiment: the checkpoint hook leaves training unchanged (bit for bit, against the
-committed phase_change run), the control-variate loss is exact, and a small run gives
+"""The llc_phase_change experiment: it reads phase_change's checkpoints (and a rerun's hook leaves training
+unchanged, bit for bit against the committed phase_change run), the control-variate loss is exact, and a small run gives
 finite, deterministic LLC estimates that are negative far from a minimum and positive once the loss
 settles."""
 
@@ -99,7 +99,8 @@ def test_estimates_are_finite_and_rise_as_training_settles(trained):
     # the checkpoints are trained models whose loss on the SGLD sample falls, and whose gradient shrinks
     assert arrays["ckpt_loss"][2] < arrays["ckpt_loss"][1] < arrays["ckpt_loss"][0] < np.log(64) - 0.5
     assert arrays["ckpt_grad_norm"][2] < arrays["ckpt_grad_norm"][0]
-    assert data["reproduction"] == {"compared": False}  # not phase_change's defaults: nothing to compare
+    # not phase_change's defaults: trained again, and nothing to compare with
+    assert data["reproduction"] == {"compared": False, "reused": False}
     assert data["nbeta"] == pytest.approx(p.n / np.log(p.n))
 
 
@@ -115,18 +116,47 @@ def test_same_seed_same_result(timing_keys):
     assert d1 == d2  # timings are provenance, recorded through icl.timing, not results
 
 
-def test_cached_result_reproduces_phase_change():
-    """The committed default run retrained the chapter-7 model bit for bit, and its
-    estimates are finite; after the transition window they exceed every value before it."""
+def test_cached_result_uses_the_phase_change_checkpoints():
+    """The committed default run read its checkpoints from the committed phase_change entry (no second
+    training); its estimates are finite, and after the transition window they exceed every value before it."""
     entry, _ = experiments.run("llc_phase_change", COMMITTED)
+    pc_entry, _ = experiments.run("phase_change", COMMITTED)
     rep = entry.data["reproduction"]
-    assert rep["compared"] and rep["final_weights_equal"] and rep["max_abs_weight_diff"] == 0.0
-    assert all(v for k, v in rep.items() if k.endswith("_equal"))
+    assert rep["reused"] and rep["phase_change_key"] == pc_entry.key
+    assert entry.arrays["ckpt_step"].tolist() == [int(s) for s in lpc.Params().checkpoints]
+    assert np.array_equal(entry.arrays["train_loss"], pc_entry.arrays["L2.train_loss"])
     steps, llc = entry.arrays["ckpt_step"], entry.arrays["llc_chains"].mean(1)
     assert np.isfinite(entry.arrays["llc_chains"]).all()
     tr = entry.data["transition_induction"]
-    assert tr["step"] == rep["transition_step_cached"]
+    assert tr == pc_entry.data["L2"]["transition_induction"]
     assert llc[steps > tr["done"]].min() > llc[steps <= tr["onset"]].max()
+
+
+def test_phase_change_keeps_checkpoints_and_llc_reads_them():
+    """phase_change stores the 2-layer weights at its checkpoints (the last is the final model), and
+    llc_phase_change takes exactly those, only when the training parameters are phase_change's."""
+    p = dataclasses.replace(pc.Params(), steps=60, eval_every=20, d_model=32, n_heldout=32, n_probe=16,
+                            checkpoints=(20, 60))
+    arrays, _ = pc.compute(p)
+    assert arrays["L2.ckpt_step"].tolist() == [20, 60]
+    final = {k[len("L2.state."):]: v for k, v in arrays.items() if k.startswith("L2.state.")}
+    for name, value in final.items():
+        assert np.array_equal(arrays[f"L2.ckpt.60.{name}"], value), name
+    assert not np.array_equal(arrays["L2.ckpt.20.W_U"], final["W_U"])
+
+    class Entry:  # what compute() receives as upstream["phase_change"]
+        def __init__(self, arrays):
+            self.arrays, self.key = arrays, "k" * 64
+
+    up = {"phase_change": Entry(arrays)}
+    assert lpc._stored(p, [20, 60], up) is None  # not phase_change's defaults: its entry is not this run
+    default = pc.Params()
+    fake = {"L2.ckpt_step": np.array([20, 60]), **{f"L2.ckpt.{s}.{k}": arrays[f"L2.ckpt.{s}.{k}"]
+                                                   for s in (20, 60) for k in final}}
+    got = lpc._stored(default, [60], {"phase_change": Entry(fake)})
+    assert list(got) == [60] and torch.equal(got[60]["W_U"], torch.from_numpy(final["W_U"]))
+    assert lpc._stored(default, [40], {"phase_change": Entry(fake)}) is None  # a step it did not keep
+    assert lpc._stored(default, [60], None) is None
 
 
 def test_params_are_checked():

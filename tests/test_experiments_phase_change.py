@@ -23,7 +23,8 @@ def test_locate_transition_on_a_planted_sigmoid():
 
 @pytest.fixture(scope="module")
 def small():
-    p = dataclasses.replace(pc.Params(), steps=80, eval_every=40, n_heldout=64, n_probe=32, d_model=32)
+    p = dataclasses.replace(pc.Params(), steps=80, eval_every=40, n_heldout=64, n_probe=32, d_model=32,
+                            checkpoints=(40, 80))
     return p, pc.compute(p)
 
 

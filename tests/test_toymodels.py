@@ -75,3 +75,25 @@ def test_training_is_deterministic_and_learns_bigrams():
 def test_repeated_random_tokens():
     x = tm.repeated_random_tokens(4, 7, 10, torch.Generator().manual_seed(0))
     assert x.shape == (4, 14) and torch.equal(x[:, :7], x[:, 7:])
+
+
+def test_fast_forward_is_the_same_function_as_the_per_head_path():
+    """Training and plain evaluation use fused QKV + scaled_dot_product_attention; the per-head path
+    (taken with return_cache or head_mask) is the reference, for outputs and for gradients."""
+    import torch
+
+    from icl import toymodels as tm
+
+    cfg = tm.AttnOnlyConfig(vocab=32, n_ctx=24, d_model=32, n_heads=4, d_head=8, n_layers=2)
+    model = tm.AttnOnlyTransformer(cfg, torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 32, (5, 24), generator=torch.Generator().manual_seed(4))
+    ref, _ = model(tokens, return_cache=True)
+    fast = model(tokens)
+    assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-5)
+    grads = []
+    for out in (lambda: model(tokens, return_cache=True)[0], lambda: model(tokens)):
+        model.zero_grad()
+        tm.next_token_loss(out(), tokens).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g_ref, g_fast in zip(*grads):
+        assert torch.allclose(g_fast, g_ref, atol=1e-6, rtol=1e-4)

@@ -74,6 +74,8 @@ class AttnOnlyTransformer(nn.Module):
         """
         B, T = tokens.shape
         resid = self.W_E[tokens] + self.W_pos[:T]
+        if not return_cache and head_mask is None:
+            return self._fast_forward(resid)
         mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=tokens.device), diagonal=1)
         scale = 1.0 / math.sqrt(self.cfg.d_head)
         cache: dict[str, Any] = {"pattern": [], "head_out": [], "resid": [resid]}
@@ -98,6 +100,21 @@ class AttnOnlyTransformer(nn.Module):
                 cache["resid"].append(resid)
         logits = resid @ self.W_U + self.b_U
         return (logits, cache) if return_cache else logits
+
+    def _fast_forward(self, resid: torch.Tensor) -> torch.Tensor:
+        """The same function as the per-head path, for training and plain evaluation: one fused QKV
+        matmul per layer, PyTorch's ``scaled_dot_product_attention`` and one output matmul over all heads
+        (the sum over heads of ``z_h W_O[h]`` is ``concat_h(z_h) @ stack_h(W_O[h])``). ``resid``
+        ``[batch, pos, d_model]`` -> logits ``[batch, pos, vocab]``."""
+        B, T, d = resid.shape
+        H, dh = self.cfg.n_heads, self.cfg.d_head
+        for layer in range(self.cfg.n_layers):
+            w_qkv = torch.stack([self.W_Q[layer], self.W_K[layer], self.W_V[layer]])  # [3, H, d, dh]
+            w_qkv = w_qkv.permute(2, 0, 1, 3).reshape(d, 3 * H * dh)
+            q, k, v = (resid @ w_qkv).view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)  # each [B, H, T, dh]
+            z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, dh]
+            resid = resid + z.transpose(1, 2).reshape(B, T, H * dh) @ self.W_O[layer].reshape(H * dh, d)
+        return resid @ self.W_U + self.b_U
 
     @torch.no_grad()
     def head_means(self, tokens: torch.Tensor) -> list[torch.Tensor]:
@@ -185,7 +202,8 @@ def train(model: nn.Module, sample: Callable[[torch.Generator], torch.Tensor], *
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    # fused=True: one kernel for the whole update (the unfused elementwise update dominates small models)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     losses = []
     for step in tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0):
         if on_eval is not None and eval_every and step % eval_every == 0:

@@ -1,12 +1,12 @@
 """The local learning coefficient over training of the phase-change model (chapter 9, after chapter 7).
 
 The ``phase_change`` experiment trains a 2-layer attention-only transformer whose induction heads form
-abruptly (around step 6,100 of 8,000 at the default settings) but keeps only its final weights. This
-experiment re-runs exactly that training — the same function, :func:`icl.experiments.phase_change._train_one`,
-with the same parameters and seeds — and copies the weights at chosen steps through its
-``on_checkpoint`` hook, which does not touch the training generator. Because the run is deterministic
-on one thread, the rerun's curves and final weights are compared bit for bit with the cached
-``phase_change`` result (``DEPENDS``), and the comparison is stored.
+abruptly (around step 6,100 of 8,000 at the default settings) and keeps its weights at a list of steps
+(``checkpoints``, denser around the change). This experiment reads those checkpoints from the cached
+``phase_change`` entry (``DEPENDS``) instead of training again. Only when it is asked for other training
+parameters or for steps that entry did not keep does it rerun the same training — the same function,
+:func:`icl.experiments.phase_change._train_one`, with the same seeds — copying the weights through its
+``on_checkpoint`` hook; at ``phase_change``'s defaults such a rerun is compared bit for bit with the entry.
 
 At each checkpoint ``w*`` the local learning coefficient is estimated with :func:`icl.slt.sgld_llc`
 (Lau et al. 2023): ``λ̂(w*) = nβ (E[L_n(w)] − L_n(w*))`` under the posterior tempered by ``β = 1/log n``
@@ -49,12 +49,12 @@ from icl.experiments import phase_change as pc
 from icl.experiments import between, each_int
 
 NAME = "llc_phase_change"
-VERSION = 1
+VERSION = 2  # 2: checkpoints read from the phase_change entry instead of a rerun of its training
 CHAPTER = "report/09-slt.qmd"
 USES_MODEL = False
 DEPENDS = ("phase_change",)
-DESCRIPTION = "SGLD local learning coefficient at checkpoints of the phase-change model, rerun deterministically"
-THREADS = 1  # the rerun reproduces phase_change bit for bit only at the thread count it was trained with
+DESCRIPTION = "SGLD local learning coefficient at checkpoints of the phase-change model"
+THREADS = 1  # a rerun (non-default training parameters) reproduces phase_change only at its thread count
 TRACE_POINTS = 60  # thinned SGLD traces kept per chain
 
 _PC = pc.Params()
@@ -106,7 +106,13 @@ def checkpoint_steps(p: Params) -> list[int]:
 
 def pc_params(p: Params) -> pc.Params:
     """The ``phase_change`` parameters of the training run (its defaults unless overridden here)."""
-    return dataclasses.replace(_PC, seed=p.seed, steps=p.steps, eval_every=p.eval_every, d_model=p.d_model)
+    return dataclasses.replace(_PC, seed=p.seed, steps=p.steps, eval_every=p.eval_every, d_model=p.d_model,
+                               checkpoints=tuple(checkpoint_steps(p)))
+
+
+def same_training(q: pc.Params) -> bool:
+    """Whether ``q`` trains exactly the model of ``phase_change``'s defaults (the kept steps aside)."""
+    return dataclasses.replace(q, checkpoints=_PC.checkpoints) == _PC
 
 
 def llc_sample(p: Params, data: tm.MarkovRepeatData) -> torch.Tensor:
@@ -164,8 +170,21 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             if step in wanted:
                 states[step] = copy.deepcopy(net.state_dict())
 
-        with timing.timed("train_seconds"):
-            net, log, losses = pc._train_one(q, 2, data, heldout, probe, progress, on_checkpoint=keep)
+        stored = _stored(q, wanted, upstream)
+        if stored is not None:  # phase_change kept these checkpoints: read them, train nothing
+            entry = upstream["phase_change"]  # type: ignore[index]
+            a = entry.arrays
+            log = {"step": a["L2.step"], "prefix_matching": a["L2.prefix_matching"],
+                   "prev_token": a["L2.prev_token"], "heldout_loss": a["L2.heldout_loss"],
+                   "probe_loss": a["L2.probe_loss"]}
+            losses = a["L2.train_loss"]
+            states.update(stored)
+            net = tm.AttnOnlyTransformer(pc.model_config(q, 2))
+            reproduction = {"compared": False, "reused": True, "phase_change_key": entry.key}
+        else:  # other training parameters or checkpoints: rerun phase_change's training, keeping them
+            with timing.timed("train_seconds"):
+                net, log, losses = pc._train_one(q, 2, data, heldout, probe, progress, on_checkpoint=keep)
+            reproduction = {**_compare(q, log, losses, net, upstream), "reused": False}
         best_induction = log["prefix_matching"][:, 1].max(-1)  # [evals] layer-1 best head
         arrays: dict[str, np.ndarray] = {
             "train_loss": np.asarray(losses, dtype=np.float32),
@@ -175,7 +194,6 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             "heldout_loss": log["heldout_loss"].mean(1).astype(np.float32),
             "icl_score": pc.icl_score(log["probe_loss"], q).astype(np.float32),
         }
-        reproduction = _compare(q, log, losses, net, upstream)
 
         # ---- SGLD at each checkpoint
         tokens = llc_sample(p, data)  # [n, n_ctx]
@@ -230,12 +248,30 @@ def compute(params: Params, model: Any = None, progress: bool = False,
         torch.set_num_threads(threads)
 
 
+def _stored(q: pc.Params, wanted: list[int], upstream: dict[str, Any] | None
+            ) -> dict[int, dict[str, torch.Tensor]] | None:
+    """The checkpoints the cached ``phase_change`` entry kept, if it was trained with these parameters
+    (its defaults) and kept every step wanted; else ``None``."""
+    entry = (upstream or {}).get("phase_change")
+    if entry is None or not same_training(q) or "L2.ckpt_step" not in entry.arrays:
+        return None
+    kept = set(int(s) for s in entry.arrays["L2.ckpt_step"])
+    if not set(wanted) <= kept:
+        return None
+    out = {}
+    for step in wanted:
+        prefix = f"L2.ckpt.{step}."
+        out[step] = {k[len(prefix):]: torch.from_numpy(np.array(v)) for k, v in entry.arrays.items()
+                     if k.startswith(prefix)}
+    return out
+
+
 def _compare(q: pc.Params, log: dict[str, np.ndarray], losses: list[float], net: tm.AttnOnlyTransformer,
              upstream: dict[str, Any] | None) -> dict[str, Any]:
     """Does this rerun reproduce the cached ``phase_change`` result exactly? Only meaningful when the
     training parameters are ``phase_change``'s defaults (those of its cached entry)."""
     entry = (upstream or {}).get("phase_change")
-    if entry is None or q != pc.Params():
+    if entry is None or not same_training(q):
         return {"compared": False}
     a = entry.arrays
     out: dict[str, Any] = {"compared": True}

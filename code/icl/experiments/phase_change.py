@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from icl import heads, timing, toymodels as tm
-from icl.experiments import between
+from icl.experiments import between, each_int
 
 NAME = "phase_change"
-VERSION = 1
+VERSION = 2  # 2: fused QKV + SDPA forward and fused AdamW; L2 weights kept at `checkpoints`
 CHAPTER = "report/07-phase-change.qmd"
 USES_MODEL = False
 DESCRIPTION = "2-layer attention-only transformer trained here: induction heads, ICL score, 1-layer control"
@@ -56,12 +56,18 @@ class Params:
     icl_early: int = 10
     icl_late: int = 50
     induction_threshold: float = 0.3
+    # steps at which the 2-layer model's weights are kept (for llc_phase_change), denser around the change
+    checkpoints: tuple[int, ...] = (100, 500, 1000, 2000, 3500, 5000, 5600, 5800, 6000, 6100, 6200,
+                                    6400, 6600, 7000, 8000)
 
     def validate(self) -> None:
         if not (0 < self.icl_early < self.probe_len <= self.icl_late < 2 * self.probe_len <= self.n_ctx):
             raise ValueError("need 0 < icl_early < probe_len <= icl_late < 2 * probe_len <= n_ctx")
         if self.steps < self.eval_every or self.eval_every < 1:
             raise ValueError("need steps >= eval_every >= 1")
+        steps = [int(s) for s in self.checkpoints]
+        if any(s < 0 or s > self.steps or s % self.eval_every for s in steps) or steps != sorted(set(steps)):
+            raise ValueError("checkpoints must be distinct, increasing multiples of eval_every in [0, steps]")
         if self.d_model % self.n_heads or self.n_successors > self.vocab:
             raise ValueError("need d_model a multiple of n_heads and n_successors <= vocab")
 
@@ -70,7 +76,8 @@ LIMITS = {"steps": between(1, 100_000), "lr": between(1e-6, 1.0), "batch": betwe
           "eval_every": between(1, 100_000), "d_model": between(8, 512), "n_heads": between(1, 16),
           "vocab": between(4, 1024), "n_ctx": between(8, 512), "n_successors": between(1, 1024),
           "n_heldout": between(2, 4096), "n_probe": between(2, 4096), "probe_len": between(2, 256),
-          "icl_early": between(1, 511), "icl_late": between(2, 511), "induction_threshold": between(0.0, 1.0)}
+          "icl_early": between(1, 511), "icl_late": between(2, 511), "induction_threshold": between(0.0, 1.0),
+          "checkpoints": each_int(0, 100_000)}
 
 
 def data_spec(p: Params) -> tm.MarkovRepeatSpec:
@@ -203,9 +210,16 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
         arrays: dict[str, np.ndarray] = {"heldout_repeat_len": lens.numpy().astype(np.int16)}
         summary: dict[str, Any] = {}
         trained = {}
+        kept = [int(s) for s in p.checkpoints]
+
+        def keep(step: int, net: tm.AttnOnlyTransformer) -> None:  # the 2-layer model's checkpoints
+            if step in kept:
+                arrays.update(tm.state_arrays(net, f"L2.ckpt.{step}."))
+
         for n_layers in (2, 1):
             with timing.timed(f"L{n_layers}.train_seconds"):
-                net, log, losses = _train_one(p, n_layers, data, heldout, probe, progress)
+                net, log, losses = _train_one(p, n_layers, data, heldout, probe, progress,
+                                              on_checkpoint=keep if n_layers == 2 else None)
             trained[n_layers] = net
             tag = f"L{n_layers}"
             arrays[f"{tag}.train_loss"] = np.asarray(losses, dtype=np.float32)
@@ -234,6 +248,7 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
         prev = [(0, h) for h in range(p.n_heads) if final["prev_token"][0, h] > p.induction_threshold]
         abl, abl_arrays = _ablations(trained[2], heldout, probe, p, induction, prev)
         arrays.update(abl_arrays)
+        arrays["L2.ckpt_step"] = np.asarray(kept, dtype=np.int32)
         summary["ablation"] = abl
         summary["induction_heads"] = [list(x) for x in induction]
         summary["previous_token_heads"] = [list(x) for x in prev]
