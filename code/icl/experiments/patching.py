@@ -2,15 +2,17 @@
 run with only the query line (B), layers × query positions, over many prompt pairs.
 
 Pairs come from :func:`icl.tasks.make_prompts` (``k`` examples, the last one the query); only prompts
-whose query ``x`` has two digits are kept, so every B run has the same tokens-per-line (``(``, two
-digits, ``,``, space) and the pairs batch together. A's activations are read once through bridge hooks
+whose query ``x`` has two digits are kept, so every B run has the same tokens-per-line (SmolLM2: ``(``,
+two digit tokens, ``,``, space; Llama-3: ``(``, one number token, ``,``, space, after its BOS) and the
+pairs batch together. A's activations are read once through bridge hooks
 at the aligned positions, and :func:`icl.patching.fast_patch` computes every cell (see
 :mod:`icl.patching`; ``benchmarks/patching_speed.py`` checks it against TransformerLens's own patching).
 
 Stored per task and kind: the per-pair log-probability of the correct first answer token after each
 patch ``[pairs, layers, positions]``, A's and B's own values, the fraction of the A–B effect recovered
 (ratio of means) with 95% bootstrap intervals over pairs, and how often B's argmax after the patch is
-the first digit of the correct answer, of ``2x`` and of ``x`` (copying).
+the first token of the correct answer, of ``2x`` and of ``x`` (copying): its first digit for SmolLM2,
+the whole number for Llama-3 (whose numbers up to 999 are one token each).
 """
 
 from __future__ import annotations
