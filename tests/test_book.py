@@ -129,5 +129,5 @@ def test_freezer_rerun_is_limited_to_chapters_whose_entries_changed(rendered, mo
     entries[0]["meta_sha256"] = "0" * 64
     records[patching].write_text(json.dumps(entries))
     thawed = freeze.thaw(root, chapters)
-    assert [(doc.name, "recomputed" in why) for doc, why in thawed] == [("04-patching.qmd", True)]
+    assert [(doc.name, "entry changed" in why) for doc, why in thawed] == [("04-patching.qmd", True)]
     assert not (root / "_freeze" / "report" / "04-patching" / "execute-results").exists()

@@ -50,7 +50,7 @@ def test_record_then_unchanged_is_not_stale(project):
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("meta_sha256", "0" * 64, "recomputed"),
+    ("meta_sha256", "0" * 64, "cache entry changed"),
     ("key", "f" * 64, "another cache key"),
     ("params", {"no_such_param": "1"}, "has no parameter"),
 ])

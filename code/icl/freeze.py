@@ -119,7 +119,7 @@ def why_stale(root: Path, document: Path) -> str | None:
         if not meta.is_file():
             return f"{name}: its cache entry is gone"
         if digest(meta) != item["meta_sha256"]:
-            return f"{name}: its cache entry was recomputed"
+            return f"{name}: its cache entry changed (recomputed or rewritten)"
     return None
 
 
