@@ -62,7 +62,7 @@ def test_the_suite_ignores_the_users_icl_settings(tmp_path):
     env = {**os.environ, "ICL_DEVICE": "cuda", "ICL_DTYPE": "float16", "ICL_CACHE": "readonly",
            "ICL_CACHE_DIR": str(tmp_path / "elsewhere")}
     tests = ["tests/test_cli.py::test_corrupt_entry_is_refused_and_reported",
-             "tests/test_experiments_llc_phase_change.py::test_cached_result_reproduces_phase_change",
+             "tests/test_experiments_llc_phase_change.py::test_cached_result_uses_the_phase_change_checkpoints",
              "tests/test_config.py::test_defaults"]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO_ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
