@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from icl import timing
+from icl import timing, toymodels as tm
 from icl.experiments import between
 from icl.stats import bootstrap_mean_ci
 from icl.toybayes import RuleFamily, TinyGPT, answer_logprobs, exact_predictive, kl_per_example
 
 NAME = "bayes_toy"
-VERSION = 1
+VERSION = 2  # 2: fused AdamW; the trained weights are kept in the entry (for c2w_toy)
 CHAPTER = "report/02-bayes.qmd"
 USES_MODEL = False
 DESCRIPTION = "small transformer trained on a rule family vs the exact Bayesian posterior predictive"
@@ -101,6 +101,13 @@ def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[
         torch.set_num_threads(threads)
 
 
+def load_net(params: Params, arrays: dict[str, np.ndarray]) -> TinyGPT:
+    """The trained model of an entry of this experiment (computed with ``params``), in eval mode."""
+    family = params.family
+    net = TinyGPT(family.vocab, 2 * params.k, params.d_model, params.n_layers, params.n_heads, 4 * params.d_model)
+    return tm.load_state_arrays(net, arrays, "net.").eval()
+
+
 @dataclass
 class Trained:
     """A trained model and what it was scored on: everything :func:`train` produces."""
@@ -119,8 +126,8 @@ class Trained:
 def train(params: Params, progress: bool = False) -> Trained:
     """Train the model of this experiment from the seed, exactly as :func:`compute` does.
 
-    Deterministic for a fixed thread count (the caller sets it; :func:`compute` uses ``THREADS``), so
-    other experiments can retrain the same weights instead of storing them in the cache.
+    Deterministic for a fixed thread count (the caller sets it; :func:`compute` uses ``THREADS``). The
+    weights are kept in the entry (``net.*``; :func:`load_net`), so other experiments read them.
     """
     family = params.family
     torch.manual_seed(params.seed)
@@ -130,7 +137,7 @@ def train(params: Params, progress: bool = False) -> Trained:
     exact = exact_predictive(family, eval_tokens)
     prior = prior_predictive(family, eval_tokens)
     net = TinyGPT(family.vocab, 2 * params.k, params.d_model, params.n_layers, params.n_heads, 4 * params.d_model)
-    opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=0.0, fused=True)
     steps, kl_curve, ce_curve, train_loss = [], [], [], []
     running, start = [], time.perf_counter()
     for step in tqdm(range(1, params.steps + 1), desc="bayes_toy", disable=not progress, leave=False):
@@ -173,6 +180,7 @@ def _train(params: Params, progress: bool) -> tuple[dict[str, np.ndarray], dict[
         "model_ce": ev["model_ce"].mean(0).numpy(), "bayes_ce": ev["bayes_ce"].mean(0).numpy(),
         "show_k": show.numpy(), "show_exact": exact[0, show - 1].exp().numpy(), "show_model": model_show,
         "show_tokens": eval_tokens[0].numpy(),
+        **tm.state_arrays(net, "net."),  # the trained weights, for c2w_toy
     }
     n_params = sum(p.numel() for p in net.parameters())
     data = {
