@@ -93,3 +93,17 @@ def _timing_keys(obj, path=""):
 @pytest.fixture(scope="session")
 def timing_keys():
     return _timing_keys
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path, monkeypatch):
+    """An empty folder nobody may write to (mode 555). As root, who writes anyway, ``os.access`` is made
+    to report what it would for anyone else. Restored to 755 afterwards so pytest can clean up."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p) == str(folder) else real(p, m, **k))
+    yield folder
+    folder.chmod(0o755)

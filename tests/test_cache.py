@@ -225,22 +225,14 @@ def test_cache_folder_that_is_a_file_is_refused(tmp_path):
         Cache(afile / "below").check_writable("surprisal")
 
 
-def test_unwritable_cache_folder_is_refused_before_writing(tmp_path, monkeypatch):
+def test_unwritable_cache_folder_is_refused_before_writing(unwritable_folder):
     from icl.errors import CacheDirError
 
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        if os.geteuid() == 0:  # root writes anyway; emulate what os.access reports to anyone else
-            real = os.access
-            monkeypatch.setattr(os, "access", lambda p, m, **k: False if Path(p) == folder else real(p, m, **k))
-        with pytest.raises(CacheDirError, match="is not writable"):
-            Cache(folder / "cache").check_writable("surprisal")
-        with pytest.raises(CacheDirError, match="is not writable"):
-            _store(Cache(folder / "cache"))
-    finally:
-        folder.chmod(0o755)
+    folder = unwritable_folder
+    with pytest.raises(CacheDirError, match="is not writable"):
+        Cache(folder / "cache").check_writable("surprisal")
+    with pytest.raises(CacheDirError, match="is not writable"):
+        _store(Cache(folder / "cache"))
     assert list(folder.iterdir()) == []
 
 
