@@ -9,7 +9,6 @@ import re
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -78,8 +77,7 @@ def rendered(tmp_path_factory, request):
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(src, root / name)
-    env = {"ICL_CACHE": "readonly", "ICL_MODEL": "smollm2-135m", "ICL_CACHE_DIR": str(root / "cache"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {"ICL_CACHE": "readonly", "ICL_MODEL": "smollm2-135m", "ICL_CACHE_DIR": str(root / "cache")}
     env.update({var: None for var in ("ICL_DEVICE", "ICL_DTYPE") if var in os.environ})
     start = time.time()
     capture = request.config.pluginmanager.getplugin("capturemanager")

@@ -291,10 +291,8 @@ def cmd_book(args: argparse.Namespace) -> int:
         return 1
     print("[3/3] quarto render (chapters whose source and cache entries are unchanged are reused "
           "from _freeze/) ...", flush=True)
-    env = {"ICL_CACHE": "readonly", "ICL_MODEL": config.model, "QUARTO_PYTHON": sys.executable,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     start = time.time()
-    log = quarto.render(REPO_ROOT, env=env, echo=not args.quiet)
+    log = quarto.render(REPO_ROOT, env={"ICL_CACHE": "readonly", "ICL_MODEL": config.model}, echo=not args.quiet)
     problems = quarto.log_problems(log) + quarto.check_html(REPO_ROOT / "_book")
     for problem in problems:
         print(f"      {problem}")

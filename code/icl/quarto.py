@@ -55,7 +55,8 @@ def render(root: Path, targets: Sequence[str] = (), *, env: Mapping[str, str | N
            args: Sequence[str] = (), timeout: float = 3600, echo: bool = True) -> str:
     """``quarto render [targets] [args]`` in ``root``; returns everything Quarto printed.
 
-    ``env`` adds to (or, with ``None`` values, removes from) this process's environment for Quarto.
+    Quarto runs with this process's Python (``QUARTO_PYTHON``, its folder first on ``PATH``); ``env``
+    adds to (or, with ``None`` values, removes from) that environment.
     The output goes to this process's stderr line by line as it arrives (``echo``), so nothing Quarto
     says is hidden. Raises :class:`BookError` with the last lines of the output when Quarto is missing,
     exits non-zero, or runs past ``timeout`` seconds.
@@ -63,8 +64,10 @@ def render(root: Path, targets: Sequence[str] = (), *, env: Mapping[str, str | N
     exe = quarto_executable()
     if exe is None:
         raise BookError("quarto is not on PATH: install it from https://quarto.org/docs/get-started/")
-    run_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None: unset
-    run_env.setdefault("QUARTO_PYTHON", sys.executable)
+    # the kernels and the pre-render script run in this Python (its venv first on PATH), unless env says otherwise
+    here = {"QUARTO_PYTHON": sys.executable,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run_env = {k: v for k, v in {**os.environ, **here, **(env or {})}.items() if v is not None}  # None: unset
     lines: list[str] = []
     proc = subprocess.Popen([exe, "render", *targets, *args], cwd=root, env=run_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, errors="replace")

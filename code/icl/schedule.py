@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from icl import experiments
 from icl.config import Config
-from icl.errors import CacheMissError, ConfigError
+from icl.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -47,22 +47,15 @@ def _init_worker(registry: dict[str, str] | None) -> None:
         experiments.REGISTRY.update(registry)
 
 
+def _params(name: str, overrides: dict[str, str] | None, seed: int | None) -> Any:
+    return experiments.make_params(experiments.get(name), overrides or {}, seed=seed)
+
+
 def _run_one(name: str, config: Config, overrides: dict[str, str], seed: int | None) -> Done:
     start = time.time()
-    params = experiments.make_params(experiments.get(name), overrides, seed=seed)
+    params = _params(name, overrides, seed)
     entry, _ = experiments.run(name, config, params, progress=False)
     return Done(name, str(entry.path), time.time() - start, True)
-
-
-def is_cached(name: str, config: Config, overrides: dict[str, str] | None = None,
-              seed: int | None = None) -> bool:
-    """Whether ``name`` has its entry for ``config`` (a readonly lookup: nothing is loaded or computed)."""
-    params = experiments.make_params(experiments.get(name), overrides or {}, seed=seed)
-    try:
-        experiments.run(name, config.with_(cache_mode="readonly"), params)
-        return True
-    except CacheMissError:
-        return False
 
 
 def closure(names: list[str]) -> list[str]:
@@ -119,7 +112,7 @@ def run_many(names: list[str], config: Config, jobs: int = 1, overrides: dict[st
     refresh = config.cache_mode == "refresh"
     use = config.with_(cache_mode="use")
     todo = [n for n in order if (refresh and n in names)
-            or not is_cached(n, use, overrides.get(n), seed if n in names else None)]
+            or not experiments.is_cached(n, use, _params(n, overrides.get(n), seed if n in names else None))]
     done: list[Done] = [Done(n, "", 0.0, False) for n in order if n not in todo]
     finished = {d.name for d in done}
     if not todo:
@@ -159,23 +152,17 @@ def run_many(names: list[str], config: Config, jobs: int = 1, overrides: dict[st
 
 
 def committed_seconds(config: Config) -> dict[str, float]:
-    """Each experiment's ``elapsed_s`` as recorded by an entry in ``config.cache_dir`` (its current key's,
-    else the newest of an earlier version), for ordering only; experiments with no entry are absent."""
+    """Each experiment's ``elapsed_s`` as recorded by its newest entry in ``config.cache_dir`` (for ordering;
+    an entry of an earlier version is as good an estimate); experiments with no entry are absent."""
     import json
 
     out: dict[str, float] = {}
     for name in experiments.names():
-        folder = config.cache_dir / name
-        metas = sorted(folder.glob("*/meta.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        metas = sorted((config.cache_dir / name).glob("*/meta.json"), key=lambda p: p.stat().st_mtime)
         try:
-            entry, _ = experiments.run(name, config.with_(cache_mode="readonly"))
-            meta = entry.meta
-        except Exception:  # noqa: BLE001 - no current entry: fall back to an earlier one, if any
-            try:
-                meta = json.loads(metas[-1].read_text()) if metas else {}
-            except (OSError, ValueError):
-                meta = {}
-        seconds: Any = meta.get("elapsed_s")
+            seconds = json.loads(metas[-1].read_text()).get("elapsed_s") if metas else None
+        except (OSError, ValueError):
+            seconds = None
         if isinstance(seconds, (int, float)):
             out[name] = float(seconds)
     return out
