@@ -102,7 +102,12 @@ def _plain_numpy_scalars() -> None:
     plain = shell.display_formatter.formatters["text/plain"]
     # one registration per concrete type: IPython uses a class's own __repr__ before a base's printer
     for scalar in {t for t in np.sctypeDict.values() if issubclass(t, np.generic)}:
-        plain.for_type(scalar, lambda value, printer, cycle: printer.text(str(value.item())))
+        plain.for_type(scalar, lambda value, printer, cycle: printer.text(_plain(value)))
+
+
+def _plain(value: Any) -> str:
+    """A value as text, numpy scalars as the Python number they hold (``0.25``, not ``np.float64(0.25)``)."""
+    return str(value.item() if hasattr(value, "item") else value)
 
 
 _NEGATIVE_ZERO = re.compile(r"(?<![\w.])-(0(?:\.0+)?)(?![\d.])")
@@ -132,7 +137,7 @@ def math(*parts: Any) -> Any:
     """
     from IPython.display import Markdown
 
-    tex = "".join(str(p.item()) if hasattr(p, "item") else str(p) for p in parts).strip()
+    tex = "".join(_plain(p) for p in parts).strip()
     if not tex or "$" in tex:
         raise ValueError(f"math() takes TeX without dollar signs, got {tex!r}")
     return Markdown(f"${tex}$")
@@ -152,7 +157,7 @@ def table(rows: Sequence[dict[str, Any]] | Any, align: str | Sequence[str] = "le
     if frame.empty:
         raise ValueError("table() needs at least one row")
     frame = frame.reset_index(drop=True)
-    cell = lambda v: no_negative_zero(str(v.item() if hasattr(v, "item") else v)).replace("|", "\\|")
+    cell = lambda v: no_negative_zero(_plain(v)).replace("|", "\\|")
     frame = frame.map(cell)
     frame.columns = [str(c).replace("|", "\\|") for c in frame.columns]
     return Markdown(frame.to_markdown(index=False, disable_numparse=True, colalign=_colalign(align, frame)))
