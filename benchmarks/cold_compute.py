@@ -18,6 +18,13 @@ prints:
   projected by scheduling this run's per-experiment times on ``--jobs`` workers the way
   :func:`icl.schedule.run_many` does (the ready experiment heading the longest chain first).
 
+With ``--reference REV`` it also checks that the statistics did not move: for every experiment it reads
+the entry committed at git revision ``REV`` (for example the last float32 run before an experiment
+moved to bf16, or before a faster kernel) and counts the new point estimates that fall inside the old
+95% intervals: every array triple ``X.mean``/``X.lo``/``X.hi`` and every ``[mean, low, high]`` triple (or value ``X`` with
+``X_ci``) in the entry's data, with the largest excursion outside an interval in units of that interval's width.
+``--compare DIR`` does only that check, for the entries already in ``DIR`` (no computing).
+
 The targets of the project are at most 20 minutes for everything and 6 minutes for any one chapter on
 two cores. Timings depend on the machine and its load; this is a benchmark, not a test.
 """
@@ -25,8 +32,11 @@ two cores. Timings depend on the machine and its load; this is a benchmark, not 
 from __future__ import annotations
 
 import argparse
+import io
 import re
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +66,76 @@ def same_result(name: str, key: str, out: Path) -> str:
     return "identical" if same_arrays and a.meta["data_sha256"] == b.meta["data_sha256"] else "DIFFERS"
 
 
+def reference_cache(rev: str) -> Path:
+    """The ``cache/`` folder as committed at git revision ``rev``, extracted into a temporary folder."""
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "cache"], check=True, capture_output=True).stdout
+    folder = Path(tempfile.mkdtemp(prefix="icl-ref-"))
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(folder, filter="data")
+    return folder / "cache"
+
+
+def _triples_in(data: object, path: str = "") -> dict[str, tuple[float, float, float]]:
+    """``[mean, low, high]`` lists anywhere in an entry's data, by their JSON path."""
+    out: dict[str, tuple[float, float, float]] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            ci = data.get(f"{k}_ci")  # {"c": value, "c_ci": [low, high]}
+            if isinstance(v, (int, float)) and isinstance(ci, list) and len(ci) == 2 and ci[0] <= v <= ci[1] < float("inf") \
+                    and ci[0] < ci[1]:
+                out[f"{path}/{k}"] = (float(v), float(ci[0]), float(ci[1]))
+            out.update(_triples_in(v, f"{path}/{k}"))
+    elif isinstance(data, list):
+        if len(data) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data) \
+                and data[1] <= data[0] <= data[2] and data[1] < data[2]:
+            out[path] = (float(data[0]), float(data[1]), float(data[2]))
+        else:
+            for i, v in enumerate(data):
+                out.update(_triples_in(v, f"{path}/{i}"))
+    return out
+
+
+def compare(name: str, new: Path, ref: Path) -> str:
+    """How many of the new entry's point estimates lie inside the reference entry's 95% intervals."""
+    def only(root: Path):
+        folder = root / name
+        keys = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.exists() else []
+        return Cache(root).read(max(keys, key=lambda p: p.stat().st_mtime)) if keys else None  # the newest
+
+    a, b = only(ref), only(new)
+    if a is None or b is None:
+        return "no entry to compare"
+    inside = total = 0
+    worst = 0.0
+    for k in a.arrays:
+        if not k.endswith(".mean"):
+            continue
+        stem = k[: -len(".mean")]
+        if not all(f"{stem}.{s}" in a.arrays and f"{stem}.{s}" in b.arrays for s in ("lo", "hi", "mean")):
+            continue
+        lo, hi, m = a.arrays[f"{stem}.lo"], a.arrays[f"{stem}.hi"], b.arrays[f"{stem}.mean"]
+        if lo.shape != m.shape:
+            continue
+        ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(m) & (hi > lo)
+        width = np.where(ok, hi - lo, 1.0)
+        out = np.where(ok, np.maximum(lo - m, m - hi) / width, 0.0)
+        inside += int((ok & (out <= 0)).sum())
+        total += int(ok.sum())
+        worst = max(worst, float(out.max(initial=0.0)))
+    ta, tb = _triples_in(a.data), _triples_in(b.data)
+    for path in ta.keys() & tb.keys():
+        _, lo, hi = ta[path]
+        m = tb[path][0]
+        out = max(lo - m, m - hi) / (hi - lo)
+        inside += out <= 0
+        total += 1
+        worst = max(worst, out)
+    if not total:
+        return "no intervals in common"
+    return f"{inside}/{total} new estimates inside the reference intervals ({100 * inside / total:.1f}%), " \
+           f"largest excursion {worst:.2f} interval widths"
+
+
 def project(names: list[str], seconds: dict[str, float], jobs: int) -> float:
     """Wall time of computing ``names`` and their dependencies on ``jobs`` workers (list scheduling)."""
     todo = schedule.closure(names)
@@ -78,7 +158,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", help="empty folder for the new entries (default: a temporary folder, kept)")
+    ap.add_argument("--reference", metavar="REV", help="git revision whose committed entries the statistics are "
+                                                       "checked against")
+    ap.add_argument("--compare", metavar="DIR", help="only compare the entries in DIR with --reference")
+    ap.add_argument("--only", nargs="*", help="with --compare: these experiments (default: all)")
     args = ap.parse_args()
+    if args.compare:
+        if not args.reference:
+            sys.exit("error: --compare needs --reference REV")
+        ref = reference_cache(args.reference)
+        for name in args.only or experiments.names():
+            print(f"{name:<22}{compare(name, Path(args.compare), ref)}")
+        return
     out = Path(args.out or tempfile.mkdtemp(prefix="icl-cold-"))
     if out.exists() and any(out.iterdir()):
         sys.exit(f"error: {out} is not empty")
@@ -107,6 +198,11 @@ def main() -> None:
         if needs:
             t = project(needs, took, args.jobs)
             print(f"  {chapter.relative_to(ROOT).as_posix():<36}{t:>7.0f} s  ({', '.join(schedule.closure(needs))})")
+    if args.reference:
+        ref = reference_cache(args.reference)
+        print(f"\nstatistics against the entries committed at {args.reference}:")
+        for name in names:
+            print(f"  {name:<22}{compare(name, out, ref)}")
     print(f"\ntargets: all <= 1200 s ({'met' if total <= 1200 else 'NOT met'}); "
           f"one chapter <= 360 s")
 

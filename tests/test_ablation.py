@@ -53,6 +53,20 @@ def test_last_position_ablation_equals_hooked_runs(setup):
     assert np.allclose(same["mean"], own.logp[0], atol=1e-4)
 
 
+def test_layer_synchronous_restarts_equal_one_restart_per_layer(setup):
+    """The batched pass (rows of all layers together, prefix shared per prompt) gives what one
+    run_suffix restart per layer gives, for both modes, prompts of different lengths and given caches."""
+    model, stack, pairs = setup
+    clean, caches = ablation.a_runs(stack, model.tokenizer, pairs, batch_size=2, keep_kv=True)
+    mean_z = clean.z.mean(1)
+    fast = ablation.last_position_ablation(stack, model.tokenizer, pairs, mean_z, caches=caches)
+    ref = ablation.last_position_ablation_reference(stack, model.tokenizer, pairs, mean_z)
+    assert len({len(a) for a in pairs.a_ids}) > 1  # padding is exercised
+    for mode in ("zero", "mean"):
+        assert np.abs(fast[mode] - ref[mode]).max() < 1e-5
+    assert np.abs(fast["zero"] - fast["mean"]).max() > 1e-4
+
+
 def test_zeroing_hooks_match_runner_edits(setup):
     model, stack, pairs = setup
     heads = [(1, 2), (1, 3), (2, 0)]

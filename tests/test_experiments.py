@@ -181,3 +181,20 @@ def test_long_experiments_report_progress(name, tmp_path, tiny_llama, capsys):
     assert len(lines) >= 2, lines
     module.compute(params, model, progress=False, **extra)
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"{name}: ")]
+
+
+def test_forward_only_experiments_run_in_their_cpu_dtype_unless_one_is_asked_for(monkeypatch):
+    """On the CPU with a float32 model, an experiment with CPU_DTYPE computes (and is keyed) in it; a
+    dtype asked for, another device or a model whose default is not float32 keep the configuration."""
+    surprisal, patching = experiments.get("surprisal"), experiments.get("patching")
+    assert surprisal.CPU_DTYPE == "bfloat16" and not hasattr(patching, "CPU_DTYPE")
+    base = Config()
+    assert experiments.run_config(surprisal, base).dtype == "bfloat16"
+    assert experiments.run_config(patching, base).dtype is None
+    assert experiments.run_config(surprisal, base.with_(dtype="float32")).dtype == "float32"
+    assert experiments.run_config(surprisal, base.with_(device="cuda")).dtype is None
+    assert experiments.run_config(surprisal, base.with_(model="llama-3-8b")).dtype is None
+    assert experiments.model_info(experiments.run_config(surprisal, base))["dtype"] == "bfloat16"
+    key_bf16 = experiments.key_inputs(surprisal, experiments.make_params(surprisal), base)
+    key_fp32 = experiments.key_inputs(surprisal, experiments.make_params(surprisal), base.with_(dtype="float32"))
+    assert key_bf16["model"]["dtype"] == "bfloat16" and key_fp32["model"]["dtype"] == "float32"

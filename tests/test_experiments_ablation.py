@@ -23,3 +23,24 @@ def test_runs_and_records_the_procedure(tiny_llama, small):
         assert step["ablated_layers"] and step["runner_matches_bridge"] < 1e-4
     with pytest.raises(ValueError):
         experiments.make_params(exp, {"procedure_task": "identity"})
+
+
+def test_step0_read_from_a_matching_patching_entry(tiny_llama, small):
+    """The unablated sweep is patching's residual grid: read from a patching result on the same pairs it
+    gives what computing it here gives (up to the entry's float32 storage); other pairs are computed."""
+    from types import SimpleNamespace
+    from dataclasses import asdict
+
+    from icl.experiments import patching as pexp
+
+    pp = pexp.Params(tasks=("plus-1",), n_pairs=3, k=3, n_boot=100, threshold=0.01)
+    p_arrays, _ = pexp.compute(pp, tiny_llama)
+    entry = SimpleNamespace(key_inputs={"params": asdict(pp)}, arrays=p_arrays)
+    own, own_data = exp.compute(small, tiny_llama)
+    read, read_data = exp.compute(small, tiny_llama, upstream={"patching": entry})
+    assert read_data["step0_from_patching"] and not own_data["step0_from_patching"]
+    assert np.abs(read["procedure.0.recovered.mean"] - own["procedure.0.recovered.mean"]).max() < 1e-3
+    assert read_data["procedure"][0]["first_layer"] == own_data["procedure"][0]["first_layer"]
+    other = SimpleNamespace(key_inputs={"params": {**asdict(pp), "seed": 1}}, arrays=p_arrays)
+    _, other_data = exp.compute(small, tiny_llama, upstream={"patching": other})
+    assert not other_data["step0_from_patching"]

@@ -44,3 +44,25 @@ def test_resampled_means_in_blocks_equal_one_block(shape, monkeypatch):
     for budget in (1, 7, 300, 10**6):
         monkeypatch.setattr(stats, "CHUNK_ELEMENTS", budget)
         assert np.array_equal(stats.resampled_means(values, idx), whole), budget
+
+
+def test_cluster_bootstrap_widens_for_correlated_rows():
+    """Rows that are copies within a cluster carry the information of one row each: the cluster interval
+    matches the row bootstrap of the cluster means, and is wider than the naive row bootstrap."""
+    from icl.stats import cluster_bootstrap_mean_ci
+
+    rng = np.random.default_rng(0)
+    cluster_means = rng.normal(0.0, 1.0, size=40)
+    values = np.repeat(cluster_means, 16)[:, None] + rng.normal(0, 0.01, size=(640, 1))
+    clusters = np.repeat(np.arange(40), 16)
+    m, lo, hi = cluster_bootstrap_mean_ci(values, clusters, seed=2)
+    _, lo_rows, hi_rows = bootstrap_mean_ci(values, seed=2)
+    _, lo_c, hi_c = bootstrap_mean_ci(cluster_means[:, None], seed=2)
+    assert np.isclose(m[0], values.mean())
+    assert (hi - lo)[0] > 3 * (hi_rows - lo_rows)[0]
+    assert np.isclose((hi - lo)[0], (hi_c - lo_c)[0], rtol=0.15)
+    # unequal cluster sizes: the point estimate is the mean over rows
+    m2, _, _ = cluster_bootstrap_mean_ci(np.arange(5.0)[:, None], np.array([0, 0, 0, 1, 1]))
+    assert m2[0] == 2.0
+    with pytest.raises(ValueError):
+        cluster_bootstrap_mean_ci(np.ones((3, 1)), np.zeros(3))

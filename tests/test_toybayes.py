@@ -63,3 +63,33 @@ def test_short_training_learns_something_and_is_deterministic(timing_keys):
     # After a little training the model beats the uniform guess, and the Bayes loss is a floor.
     assert da["model_ce_mean"] < da["log_vocab"]
     assert da["model_ce_mean"] > da["bayes_ce_mean"] - 0.05
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_finetune_on_pairs_is_each_copys_own_optimiser_run(optimizer):
+    """Stacked copies with two step sizes move exactly as one torch.optim run per copy would (the fused
+    kernel per run of equal step sizes, fed dense gradients, is the textbook update)."""
+    from icl.toybayes import finetune_on_pairs, position0_logits, position0_params
+
+    torch.manual_seed(0)
+    net = TinyGPT(vocab=16, n_ctx=6, d_model=16, n_layers=1, n_heads=2, d_mlp=32)
+    g = torch.Generator().manual_seed(1)
+    N, k, m = 4, 5, 3
+    x, y = torch.randint(0, 16, (N, k), generator=g), torch.randint(0, 16, (N, k), generator=g)
+    queries = torch.randint(0, 16, (N, m), generator=g)
+    lrs = torch.tensor([1e-2, 1e-2, 3e-2, 3e-2])
+    preds, losses, moved = finetune_on_pairs(net, x, y, torch.ones(N, k), queries, lrs, 4, [0, 4], optimizer=optimizer)
+    for n in range(N):
+        own = {key: v.detach().clone()[None].requires_grad_(True) for key, v in position0_params(net).items()}
+        opt = (torch.optim.Adam(own.values(), lr=float(lrs[n])) if optimizer == "adam"
+               else torch.optim.SGD(own.values(), lr=float(lrs[n])))
+        for _ in range(4):
+            logp = torch.log_softmax(position0_logits(own, x[n:n + 1], 1), -1)
+            loss = -logp.gather(-1, y[n:n + 1, :, None]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            ref = torch.log_softmax(position0_logits(own, queries[n:n + 1], 1).double(), -1)[0]
+        assert torch.allclose(preds[4][n], ref, atol=1e-5), n
+        assert not torch.allclose(preds[4][n], preds[0][n], atol=1e-3)  # it did move

@@ -97,3 +97,20 @@ def test_fast_forward_is_the_same_function_as_the_per_head_path():
         grads.append([p.grad.clone() for p in model.parameters()])
     for g_ref, g_fast in zip(*grads):
         assert torch.allclose(g_fast, g_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_chains_forward_equals_one_forward_per_copy():
+    """C copies of the weights in one batched pass give each copy's own forward."""
+    from icl import toymodels as tm
+
+    cfg = tm.AttnOnlyConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, vocab=11, n_ctx=12)
+    nets = [tm.AttnOnlyTransformer(cfg, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    for net in nets:
+        torch.nn.init.normal_(net.b_U, std=0.1, generator=torch.Generator().manual_seed(9))
+    tokens = torch.randint(0, 11, (4, 12), generator=torch.Generator().manual_seed(1))
+    params = {k: torch.stack([dict(n.named_parameters())[k] for n in nets]) for k, _ in nets[0].named_parameters()}
+    with torch.no_grad():
+        batched = nets[0].chains_forward(params, tokens)
+        for c, net in enumerate(nets):
+            assert torch.allclose(batched[c], net(tokens), atol=1e-5)
+        assert not torch.allclose(batched[0], batched[1], atol=1e-3)

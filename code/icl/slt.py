@@ -264,30 +264,58 @@ def sgld_llc(loss_fn: LossFn, w_star: torch.Tensor, n: int, *, num_chains: int =
         Δw = −(ε/2) (nβ ∇L_m(w) + γ (w − w*)) + N(0, ε),
 
     Langevin dynamics for ``exp(−nβ L_n(w) − γ|w − w*|²/2)``. The estimate is
-    ``nβ (mean of L over post-burn-in steps − L_n(w*))`` per chain.
+    ``nβ (mean of L over post-burn-in steps − L_n(w*))`` per chain. :func:`sgld_llc_groups` runs
+    several such estimates (other datasets, step sizes or localisations) as one batch of chains.
     """
+    return sgld_llc_groups(loss_fn, w_star[None], n, num_chains=num_chains, num_steps=num_steps,
+                           num_burnin=num_burnin, step_size=step_size, gamma=gamma, beta=beta,
+                           batch_size=batch_size, seed=seed)[0]
+
+
+def sgld_llc_groups(loss_fn: LossFn, w_star: torch.Tensor, n: int, *, num_chains: int = 4,
+                    num_steps: int = 2000, num_burnin: int = 500, step_size: float | Sequence[float] = 1e-4,
+                    gamma: float | Sequence[float] = 100.0, beta: float | None = None,
+                    batch_size: int | None = None, seed: int = 0) -> list[LLCResult]:
+    """:func:`sgld_llc` for ``G`` groups of ``num_chains`` chains at once, one result per group.
+
+    Group ``g`` starts at ``w_star[g]`` (``w_star`` ``[G, d]``) and moves with its own step size and
+    localisation (``step_size``, ``gamma``: one value, or one per group). ``loss_fn`` receives all
+    chains, ``w [G * num_chains, d]``, rows ``g * num_chains .. (g + 1) * num_chains - 1`` belonging to
+    group ``g`` (so a loss can read another dataset per group), and the minibatch (shared by all
+    groups). Each step is one loss and one gradient for every chain of every group: where a step costs
+    little compute, as for the calibration models, running the groups together divides the time by
+    about ``G``."""
     if beta is None:
         beta = 1.0 / math.log(n)
+    G = w_star.shape[0]
+    C = num_chains
+    eps = torch.as_tensor(np.broadcast_to(np.asarray(step_size, dtype=np.float64), (G,)).copy())
+    gam = torch.as_tensor(np.broadcast_to(np.asarray(gamma, dtype=np.float64), (G,)).copy())
+    eps_rows, gam_rows = eps.repeat_interleave(C)[:, None], gam.repeat_interleave(C)[:, None]  # [G*C, 1]
     gen = torch.Generator().manual_seed(seed)
-    w0 = w_star.detach().reshape(1, -1).to(torch.float64)
+    w0 = w_star.detach().to(torch.float64).repeat_interleave(C, dim=0)  # [G*C, d]
     d = w0.shape[1]
-    w = w0.repeat(num_chains, 1).clone()  # [chains, d]
+    w = w0.clone()
     nbeta = n * beta
     with torch.no_grad():
-        init = float(loss_fn(w0, None)[0])
-    trace = np.empty((num_chains, num_steps))
+        init = loss_fn(w0, None).reshape(G, C)[:, 0].numpy().copy()  # L_n(w*) per group
+    trace = np.empty((G * C, num_steps))
     for t in range(num_steps):
         idx = None if batch_size is None else torch.randint(0, n, (batch_size,), generator=gen)
         w.requires_grad_(True)
-        loss = loss_fn(w, idx)  # [chains]
+        loss = loss_fn(w, idx)  # [G*C]
         (grad,) = torch.autograd.grad(loss.sum(), w)
         with torch.no_grad():
-            noise = torch.randn(num_chains, d, generator=gen, dtype=w.dtype)
-            w = w - 0.5 * step_size * (nbeta * grad + gamma * (w - w0)) + math.sqrt(step_size) * noise
+            noise = torch.randn(G * C, d, generator=gen, dtype=w.dtype)
+            w = w - 0.5 * eps_rows * (nbeta * grad + gam_rows * (w - w0)) + torch.sqrt(eps_rows) * noise
         trace[:, t] = loss.detach().numpy()
-    used = trace[:, num_burnin:]
-    per_chain = nbeta * (used.mean(axis=1) - init)
-    return LLCResult(float(per_chain.mean()), per_chain, trace, init, nbeta, used.shape[1])
+    out = []
+    for g in range(G):
+        used = trace[g * C:(g + 1) * C, num_burnin:]
+        per_chain = nbeta * (used.mean(axis=1) - init[g])
+        out.append(LLCResult(float(per_chain.mean()), per_chain, trace[g * C:(g + 1) * C], float(init[g]),
+                             nbeta, used.shape[1]))
+    return out
 
 
 def module_loss_fn(model: torch.nn.Module,
@@ -325,17 +353,46 @@ def module_loss_fn(model: torch.nn.Module,
 
 @dataclass
 class RegressionData:
-    """``y = f_{w0}(x) + N(0, 1)`` samples as float64 tensors: ``x [n, M]``, ``y [n, N]``."""
+    """``y = f_{w0}(x) + N(0, 1)`` samples as float64 tensors: ``x [n, M]``, ``y [n, N]``; ``stats``: the
+    sufficient statistics the full-sample loss is computed from, and ``full_loss(w, stats)`` that loss
+    (so that several datasets can be evaluated in one batch: :func:`grouped_full_loss`)."""
     x: torch.Tensor
     y: torch.Tensor
+    stats: dict[str, torch.Tensor] | None = None
+    full_loss: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     @property
     def n(self) -> int:
         return self.x.shape[0]
 
 
+def grouped_full_loss(datasets: Sequence[RegressionData], num_chains: int) -> LossFn:
+    """One loss for :func:`sgld_llc_groups` over several datasets of one model family: rows ``g *
+    num_chains ..`` of ``w`` are evaluated on ``datasets[g]`` (full sample only: the statistics of every
+    dataset are stacked, one row per chain)."""
+    first = datasets[0]
+    if any(d.stats is None or d.full_loss is None or d.full_loss is not first.full_loss for d in datasets):
+        raise ValueError("grouped datasets need sufficient statistics of one model family")
+    stats = {k: torch.stack([d.stats[k] for d in datasets]).repeat_interleave(num_chains, dim=0)  # type: ignore[index]
+             for k in first.stats}  # type: ignore[union-attr]
+    full = first.full_loss
+
+    def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:  # w [G*C, d] -> [G*C]
+        if idx is not None:
+            raise ValueError("a grouped loss is full-sample only")
+        return full(w, stats)
+
+    return loss
+
+
 def _gaussian(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(n, dim, generator=gen, dtype=torch.float64)
+
+
+def _linear_full(w: torch.Tensor, s: dict[str, torch.Tensor]) -> torch.Tensor:
+    # w [R, d]; sxx [d, d] or [R, d, d], sxy [d] or [R, d], syy [] or [R]
+    quad = ((w[:, None, :] @ s["sxx"])[:, 0] * w).sum(-1)
+    return 0.5 * (s["syy"] - 2 * (w * s["sxy"]).sum(-1) + quad)
 
 
 def linear_regression(d: int, n: int, seed: int) -> tuple[RegressionData, torch.Tensor, LossFn]:
@@ -345,19 +402,23 @@ def linear_regression(d: int, n: int, seed: int) -> tuple[RegressionData, torch.
     w_true = _gaussian(1, d, gen)[0]
     x = _gaussian(n, d, gen)
     y = (x @ w_true)[:, None] + _gaussian(n, 1, gen)
-    data = RegressionData(x, y)
     # normal equations (torch.linalg.lstsq is not bit-reproducible from run to run on CPU)
     w_hat = torch.linalg.solve(x.T @ x, x.T @ y[:, 0])
-
-    sxx, sxy, syy = x.T @ x / n, x.T @ y[:, 0] / n, (y[:, 0] @ y[:, 0]) / n  # [d, d], [d], []
+    stats = {"sxx": x.T @ x / n, "sxy": x.T @ y[:, 0] / n, "syy": (y[:, 0] @ y[:, 0]) / n}
+    data = RegressionData(x, y, stats, _linear_full)
 
     def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:  # w [chains, d] -> [chains]
         if idx is None:  # full batch through sufficient statistics: the same mean, O(d²) per chain
-            return 0.5 * (syy - 2 * w @ sxy + ((w @ sxx) * w).sum(1))
+            return _linear_full(w, stats)
         pred = x[idx] @ w.T  # [batch, chains]
         return 0.5 * ((y[idx] - pred) ** 2).mean(0)
 
     return data, w_hat, loss
+
+
+def _monomial_full(w: torch.Tensor, s: dict[str, torch.Tensor]) -> torch.Tensor:
+    g = torch.prod(w ** s["p"], dim=-1)  # [R]
+    return 0.5 * (s["syy"] - 2 * g * s["sxy"] + g ** 2 * s["sxx"])
 
 
 def monomial_regression(powers: Sequence[int], n: int, seed: int) -> tuple[RegressionData, torch.Tensor, LossFn]:
@@ -367,21 +428,31 @@ def monomial_regression(powers: Sequence[int], n: int, seed: int) -> tuple[Regre
     x = _gaussian(n, 1, gen)
     y = _gaussian(n, 1, gen)  # the truth is f = 0
     p = torch.tensor(list(powers), dtype=torch.float64)
-
-    sxx, sxy, syy = (x[:, 0] @ x[:, 0]) / n, (x[:, 0] @ y[:, 0]) / n, (y[:, 0] @ y[:, 0]) / n
+    stats = {"sxx": (x[:, 0] @ x[:, 0]) / n, "sxy": (x[:, 0] @ y[:, 0]) / n, "syy": (y[:, 0] @ y[:, 0]) / n,
+             "p": p}
 
     def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:  # w [chains, d] -> [chains]
-        g = torch.prod(w ** p, dim=1)  # [chains]
         if idx is None:
-            return 0.5 * (syy - 2 * g * sxy + g ** 2 * sxx)
+            return _monomial_full(w, stats)
+        g = torch.prod(w ** p, dim=1)  # [chains]
         return 0.5 * ((y[idx] - x[idx] * g[None, :]) ** 2).mean(0)
 
-    return RegressionData(x, y), torch.zeros(len(powers), dtype=torch.float64), loss
+    return RegressionData(x, y, stats, _monomial_full), torch.zeros(len(powers), dtype=torch.float64), loss
 
 
 def monomial_rlct(powers: Sequence[int]) -> tuple[float, int]:
     lam = min(1.0 / (2 * p) for p in powers)
     return lam, sum(1 for p in powers if abs(1.0 / (2 * p) - lam) < 1e-12)
+
+
+def _rrr_full(w: torch.Tensor, s: dict[str, torch.Tensor]) -> torch.Tensor:
+    # sxx [M, M] or [R, M, M], syx [N, M] or [R, N, M], syy [] or [R]; shape [H] gives H
+    M, H = s["sxx"].shape[-1], int(s["H"].reshape(-1)[0])
+    N = (w.shape[1] - H * M) // H
+    A = w[:, : H * M].reshape(-1, H, M)
+    B = w[:, H * M:].reshape(-1, N, H)
+    W = B @ A  # [R, N, M]
+    return 0.5 * (s["syy"] - 2 * (W * s["syx"]).sum((1, 2)) + ((W @ s["sxx"]) * W).sum((1, 2)))
 
 
 def reduced_rank_regression(M: int, N: int, H: int, r: int, n: int, seed: int
@@ -396,17 +467,16 @@ def reduced_rank_regression(M: int, N: int, H: int, r: int, n: int, seed: int
         B0[:, :r] = _gaussian(N, r, gen)
     x = _gaussian(n, M, gen)
     y = x @ (B0 @ A0).T + _gaussian(n, N, gen)
-
-    sxx, syx, syy = x.T @ x / n, y.T @ x / n, torch.trace(y.T @ y) / n  # [M, M], [N, M], []
+    stats = {"sxx": x.T @ x / n, "syx": y.T @ x / n, "syy": torch.trace(y.T @ y) / n,
+             "H": torch.tensor(float(H), dtype=torch.float64)}
 
     def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:  # w [chains, H*M + N*H] -> [chains]
+        if idx is None:
+            return _rrr_full(w, stats)
         A = w[:, : H * M].reshape(-1, H, M)
         B = w[:, H * M:].reshape(-1, N, H)
-        W = B @ A  # [chains, N, M]
-        if idx is None:
-            return 0.5 * (syy - 2 * (W * syx).sum((1, 2)) + ((W @ sxx) * W).sum((1, 2)))
-        pred = torch.einsum("cnm,bm->cbn", W, x[idx])  # [chains, batch, N]
+        pred = torch.einsum("cnm,bm->cbn", B @ A, x[idx])  # [chains, batch, N]
         return 0.5 * ((y[idx][None] - pred) ** 2).sum(-1).mean(-1)
 
     w_star = torch.cat([A0.reshape(-1), B0.reshape(-1)])
-    return RegressionData(x, y), w_star, loss
+    return RegressionData(x, y, stats, _rrr_full), w_star, loss

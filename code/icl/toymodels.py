@@ -116,6 +116,26 @@ class AttnOnlyTransformer(nn.Module):
             resid = resid + z.transpose(1, 2).reshape(B, T, H * dh) @ self.W_O[layer].reshape(H * dh, d)
         return resid @ self.W_U + self.b_U
 
+    def chains_forward(self, params: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        """The same function as :meth:`forward` for ``C`` copies of the weights at once: ``params`` maps
+        every name in :meth:`named_parameters` to a tensor with a leading chain axis (``W_Q.0``:
+        ``[C, head, d_model, d_head]``), ``tokens`` ``[batch, pos]`` are shared -> logits ``[C, batch, pos,
+        vocab]``. One batched product per weight instead of one forward per copy: what SGLD with several
+        chains (:func:`icl.slt.sgld_llc`) spends its time on."""
+        B, T = tokens.shape
+        H, dh = self.cfg.n_heads, self.cfg.d_head
+        C, _, d = params["W_E"].shape
+        resid = params["W_E"][:, tokens] + params["W_pos"][:, None, :T]  # [C, B, T, d]
+        for layer in range(self.cfg.n_layers):
+            w_qkv = torch.stack([params[f"W_Q.{layer}"], params[f"W_K.{layer}"], params[f"W_V.{layer}"]], 1)
+            w_qkv = w_qkv.permute(0, 3, 1, 2, 4).reshape(C, d, 3 * H * dh)  # [C, d, (3, H, dh)]
+            qkv = (resid.reshape(C, B * T, d) @ w_qkv).view(C, B, T, 3, H, dh)
+            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, C * B, H, T, dh)
+            z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # [C*B, H, T, dh]
+            z = z.view(C, B, H, T, dh).permute(0, 1, 3, 2, 4).reshape(C, B * T, H * dh)
+            resid = resid + (z @ params[f"W_O.{layer}"].reshape(C, H * dh, d)).view(C, B, T, d)
+        return (resid.reshape(C, B * T, d) @ params["W_U"]).view(C, B, T, -1) + params["b_U"][:, None, None]
+
     @torch.no_grad()
     def head_means(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Each head's output averaged over a reference batch: per layer ``[head, pos, d_model]``."""

@@ -283,6 +283,33 @@ def describe_params(module: ModuleType) -> list[tuple[str, str, str]]:
     return out
 
 
+def run_config(module: ModuleType, config: Config) -> Config:
+    """The configuration ``module`` computes under: ``config``, except that an experiment with a
+    ``CPU_DTYPE`` (a forward-only experiment whose statistics are known to hold in that dtype, checked
+    by ``benchmarks/cold_compute.py --reference``) runs in it when no dtype was asked for and the model's
+    default is float32 on the CPU. ``ICL_DTYPE``/``--dtype`` always win."""
+    cpu_dtype = getattr(module, "CPU_DTYPE", None)
+    if cpu_dtype is None or config.dtype is not None or not uses_model(module):
+        return config
+    try:
+        spec = models.resolve(config.model)
+        if spec.default_dtype != "float32" or models.resolve_device(spec, config.device) != "cpu":
+            return config
+    except ICLError:
+        return config
+    return config.with_(dtype=cpu_dtype)
+
+
+def _dtype_for(module: ModuleType, config: Config) -> str | None:
+    """The dtype ``module`` loads its model in (None when it uses no model or the model is unknown)."""
+    if not uses_model(module):
+        return None
+    try:
+        return run_config(module, config).dtype or models.resolve(config.model).default_dtype
+    except ICLError:
+        return None
+
+
 def model_info(config: Config, loaded: models.LoadedModel | None = None) -> dict[str, str]:
     """The model part of a key: id, weights fingerprint and dtype (ModelUnavailableError for a hub model
     that is not in the local Hugging Face cache, whose revision is unknown)."""
@@ -314,7 +341,7 @@ def key_inputs(module: ModuleType, params: Any, config: Config,
             dep: key_of(key_inputs(get(dep), make_params(get(dep)), config, loaded, model)) for dep in depends
         }
     if module.USES_MODEL:
-        inputs["model"] = dict(model) if model is not None else model_info(config, loaded)
+        inputs["model"] = dict(model) if model is not None else model_info(run_config(module, config), loaded)
     return inputs
 
 
@@ -371,16 +398,18 @@ def entry_status(entry: Entry, config: Config, candidates: list[dict[str, str]] 
     except TypeError:
         return EntryStatus("stale", "its parameters are not those of the current code")
     try:
-        current_model = model_info(config)
+        current_model = model_info(run_config(module, config))
     except ICLError:
         current_model = None
     if ki.get("model") is not None:
         tries = [ki["model"]]
     else:
-        tries = [current_model] if uses_model(module) else [None]
+        # A derived experiment (no model of its own) is first keyed as configured (model None: each
+        # dependency in the dtype it computes in), then as if computed from another model.
+        tries = [None] + ([current_model] if uses_model(module) else [])
         tries += [c for c in candidates if c not in tries] if uses_model(module) else []
     for model in tries:
-        if uses_model(module) and model is None:
+        if module.USES_MODEL and model is None:
             continue
         try:
             if key_of(key_inputs(module, params, config, model=model)) != entry.key:
@@ -391,7 +420,7 @@ def entry_status(entry: Entry, config: Config, candidates: list[dict[str, str]] 
             flags = command_for(module.NAME, params, Config(model=DEFAULT_MODEL)).split(f"run {module.NAME}", 1)[1]
             on = f" on {model['id']}" if model is not None else ""
             return EntryStatus("custom", f"{flags.strip()}{on}")
-        if model is None or model == current_model:
+        if model is None or (module.USES_MODEL and model == current_model):
             return EntryStatus("current", "")
         return EntryStatus("other-model", f"{model['id']} ({model['dtype']})")
     return EntryStatus("stale", "its prompts, data or dependencies have changed since it was computed")
@@ -470,13 +499,16 @@ def run(name: str, config: Config, params: Any = None, progress: bool = False,
     module = get(name)
     params = params if params is not None else make_params(module)
     cache = cache_for(module, params, config)
+    wanted = _dtype_for(module, config)
+    if loaded is not None and wanted is not None and loaded.dtype != wanted:
+        loaded = None  # the model in hand is in another dtype than this experiment computes in
     try:
         inputs = key_inputs(module, params, config, loaded)
     except ModelUnavailableError:
         if config.cache_mode == "readonly" or not module.USES_MODEL or models.resolve(config.model).source != "hub":
             raise
         check_writable(name, config, params)
-        loaded = models.load(config)  # a hub model not yet downloaded: its revision is known after loading
+        loaded = models.load(run_config(module, config))  # a hub model not yet downloaded: its revision is known after loading
         inputs = key_inputs(module, params, config, loaded)
     if config.cache_mode != "refresh":
         entry = cache.load(inputs)
@@ -494,8 +526,8 @@ def run(name: str, config: Config, params: Any = None, progress: bool = False,
     for dep in getattr(module, "DEPENDS", ()):
         upstream[dep], loaded = run(dep, config.with_(cache_mode="use") if config.cache_mode == "refresh"
                                     else config, progress=progress, loaded=loaded)
-    if module.USES_MODEL and loaded is None:
-        loaded = models.load(config)
+    if module.USES_MODEL and (loaded is None or (wanted is not None and loaded.dtype != wanted)):
+        loaded = models.load(run_config(module, config))
     import torch
 
     threads = threads_of(module)

@@ -10,6 +10,12 @@
    found; the notes ablated layers 10 and 11 when W was 12); check A's answer; redo the patching sweep
    from the ablated A and find the new W; record which heads' direct effects on the answer logit grew
    (backup heads). Repeat ``iterations`` times, ablations accumulating.
+
+Nothing is computed twice: each task's clean A prompts run once (their keys, values and answer-position
+residuals feed every ablation), and step 0 of the procedure, the unablated patching sweep, is exactly
+the residual grid of the ``patching`` experiment on the same pairs, so it is read from that entry
+(``DEPENDS``); only with pairs that entry does not hold (other ``n_pairs``, ``k`` or ``seed``) is it
+computed here.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ from icl.runner import LlamaStack
 from icl.stats import bootstrap_mean_ci, first_at_least
 
 NAME = "ablation"
-VERSION = 2
+VERSION = 3  # 3: one clean pass per task; step 0 of the procedure read from the patching entry
 CHAPTER = "report/05-ablation.qmd"
 USES_MODEL = True
 DESCRIPTION = "zero/mean ablation of every head at the answer position; ablate, re-patch, backup heads"
 THREADS = 1
+DEPENDS = ("patching",)  # step 0 of the procedure is patching's residual grid for the procedure task
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,23 @@ def _first_working(m: np.ndarray, threshold: float) -> int | None:
     return first_at_least(m.max(axis=1), threshold)  # best query position per layer
 
 
-def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _patching_step0(params: Params, upstream: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(logp [n, layers, positions], logp_a [n], logp_b [n]) of the resid_pre grid for the procedure task
+    from the patching entry, when that entry was computed on the same pairs; else None."""
+    entry = (upstream or {}).get("patching")
+    if entry is None:
+        return None
+    ep = entry.key_inputs["params"]
+    name = params.procedure_task
+    if (ep["n_pairs"], ep["k"], ep["seed"]) != (params.n_pairs, params.k, params.seed) or name not in ep["tasks"]:
+        return None
+    a = entry.arrays
+    return (a[f"{name}.resid_pre.logp"].astype(np.float64), a[f"{name}.logp_a"].astype(np.float64),
+            a[f"{name}.logp_b"].astype(np.float64))
+
+
+def compute(params: Params, model: Any, progress: bool = False,
+            upstream: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     torch.set_num_threads(THREADS)
     torch.manual_seed(params.seed)
     stack = LlamaStack(model.bridge)
@@ -82,13 +105,16 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     summary: dict[str, Any] = {}
     say = reporter(NAME, progress)
     all_prompts = prompts_for(params)
+    cleans: dict[str, ablation.ARuns] = {}
     for t, (name, prompts) in enumerate(all_prompts.items(), 1):
         say(f"task {t}/{len(all_prompts)} {name}: zero and mean ablation of {stack.n_layers * stack.n_heads} "
             f"heads on {len(prompts)} prompts")
         pairs = patching.make_pairs(tok, prompts)
-        clean, _ = ablation.a_runs(stack, tok, pairs)
+        clean, caches = ablation.a_runs(stack, tok, pairs, keep_kv=True)  # the one clean pass of A
+        cleans[name] = clean
         mean_z = clean.z.mean(dim=1)  # [n_layers, n_heads, d_head] over prompts, answer position
-        abl = ablation.last_position_ablation(stack, tok, pairs, mean_z)
+        abl = ablation.last_position_ablation(stack, tok, pairs, mean_z, caches=caches)
+        del caches
         arrays[f"{name}.logp_a"] = clean.logp.astype(np.float32)
         arrays[f"{name}.direct.mean"] = clean.direct.mean(0)
         s: dict[str, Any] = {"logp_a": float(clean.logp.mean())}
@@ -106,20 +132,25 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
 
     # the notes' procedure on one task
     name = params.procedure_task
-    say(f"procedure on {name}: patching sweep before any ablation")
     pairs = patching.make_pairs(tok, all_prompts[name])
-    clean, _ = ablation.a_runs(stack, tok, pairs)
-    acts, logp_a = patching.a_activations(model.bridge, tok, pairs, ["resid_pre"])
-    grid = patching.fast_patch(stack, pairs, acts, ["resid_pre"])
-    m, lo, hi = bootstrap_recovered(grid.logp["resid_pre"], logp_a.numpy().astype(np.float64), grid.logp_b,
-                                    params.n_boot, params.seed)
+    clean = cleans[name]
+    step0 = _patching_step0(params, upstream)
+    if step0 is None:
+        say(f"procedure on {name}: patching sweep before any ablation")
+        acts, logp_a_t = patching.a_activations(model.bridge, tok, pairs, ["resid_pre"])
+        grid = patching.fast_patch(stack, pairs, acts, ["resid_pre"])
+        grid0, logp_a0, logp_b = grid.logp["resid_pre"], logp_a_t.numpy().astype(np.float64), grid.logp_b
+    else:
+        say(f"procedure on {name}: patching sweep before any ablation read from the patching entry")
+        grid0, logp_a0, logp_b = step0
+    m, lo, hi = bootstrap_recovered(grid0, logp_a0, logp_b, params.n_boot, params.seed)
     arrays["procedure.0.recovered.mean"], arrays["procedure.0.recovered.lo"] = m, lo
     arrays["procedure.0.recovered.hi"] = hi
     first = _first_working(m, params.threshold)
     steps: list[dict[str, Any]] = [{
         "ablated_layers": [], "first_layer": first,
         "logp_a": [float(np.asarray(v).ravel()[0]) for v in
-                   bootstrap_mean_ci(logp_a.numpy()[:, None], n_boot=params.n_boot, seed=params.seed)]}]
+                   bootstrap_mean_ci(logp_a0[:, None], n_boot=params.n_boot, seed=params.seed)]}]
     ablated_layers: list[int] = []
     for it in range(1, params.iterations + 1):
         if first is None or first < 1:
@@ -156,5 +187,6 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
         })
     data = {"model": model.spec.name, "n_layers": stack.n_layers, "n_heads": stack.n_heads,
             "n_kv_heads": stack.n_kv, "n_pairs": params.n_pairs, "k": params.k, "seed": params.seed,
-            "threshold": params.threshold, "tasks": summary, "procedure_task": name, "procedure": steps}
+            "threshold": params.threshold, "tasks": summary, "procedure_task": name, "procedure": steps,
+            "step0_from_patching": step0 is not None}
     return arrays, data

@@ -42,7 +42,7 @@ from icl.experiments import between, each_int, text
 from icl.toybayes import RuleFamily, answer_logprobs, exact_predictive, finetune_on_pairs, position0_params
 
 NAME = "c2w_toy"
-VERSION = 2  # 2: the model is read from the bayes_toy entry, not retrained
+VERSION = 3  # 2: the model is read from the bayes_toy entry, not retrained; 3: fused Adam kernel per run of equal step sizes (toybayes.finetune_on_pairs)
 CHAPTER = "report/08-contexts-to-weights.qmd"
 USES_MODEL = False
 DESCRIPTION = "rule family: in-context prediction vs fine-tuning on the context, against the exact posterior"

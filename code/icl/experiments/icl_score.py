@@ -9,8 +9,13 @@ We measure it on long documents that ship with the package (:mod:`icl.data`: top
 reference documentation, PSF licence). Each document is tokenised and cut into non-overlapping windows
 of ``window`` tokens; every window is scored in one forward pass, giving the loss at every position.
 A single position is noisy, so besides the per-position curve we report the score with the losses
-averaged over ``±halfwidth`` positions around the early and the late index, with a bootstrap interval
-over windows.
+averaged over ``±halfwidth`` positions around the early and the late index. Up to
+``max_windows_per_doc`` windows come from one document, and they share its style and vocabulary, so
+the bootstrap intervals resample documents (:func:`icl.stats.cluster_bootstrap_mean_ci`), not windows.
+A tokenizer that starts text with a BOS token (Llama-3) gets it at the start of every window.
+
+Only forward passes: a float32 model on the CPU runs here in bfloat16 (``CPU_DTYPE``), about twice as
+fast; ``benchmarks/cold_compute.py --reference`` checks the statistics against a float32 run.
 """
 
 from __future__ import annotations
@@ -27,14 +32,15 @@ from tqdm import tqdm
 from icl.errors import ConfigError
 from icl.experiments import between
 from icl.scoring import token_logprobs
-from icl.stats import bootstrap_mean_ci
+from icl.stats import cluster_bootstrap_mean_ci
 
 NAME = "icl_score"
-VERSION = 1
+VERSION = 2
 CHAPTER = "report/01-surprisal.qmd"
 USES_MODEL = True
 DESCRIPTION = "ICL score (loss at token 500 minus token 50) on long text shipped with the package"
 THREADS = 1  # see icl.experiments.threads_of
+CPU_DTYPE = "bfloat16"  # on the CPU a float32 model runs in bf16 here (forward only); see run_config
 BATCH_SIZE = 4
 
 
@@ -82,24 +88,40 @@ def content_digest(params: Params) -> str:
     return h.hexdigest()
 
 
-def windows(tokenizer, params: Params) -> list[list[int]]:
-    out = []
-    for _, text in documents():
+def bos_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (Llama-3: ``<|begin_of_text|>``; SmolLM2:
+    none). Every window starts with them, as the model saw text in training."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return list(with_special[: len(with_special) - len(plain)]) if with_special[-len(plain):] == plain else []
+
+
+def windows(tokenizer, params: Params, with_documents: bool = False):
+    """Windows of ``params.window`` tokens (BOS included, if the tokenizer adds one), at most
+    ``max_windows_per_doc`` consecutive ones per document; with ``with_documents`` also each window's
+    document index (the bootstrap resamples documents, not windows)."""
+    out, docs = [], []
+    bos = bos_ids(tokenizer)
+    body = params.window - len(bos)
+    for d, (_, text) in enumerate(documents()):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for w in range(min(len(ids) // params.window, params.max_windows_per_doc)):
-            out.append(ids[w * params.window : (w + 1) * params.window])
+        for w in range(min(len(ids) // body, params.max_windows_per_doc)):
+            out.append(bos + ids[w * body : (w + 1) * body])
+            docs.append(d)
     if len(out) < params.n_windows:
         # The count depends on the model's tokenizer, so this is checked once the model is loaded.
         raise ConfigError(f"{NAME}: the shipped text gives only {len(out)} windows of {params.window} tokens "
                           f"(at most {params.max_windows_per_doc} per document) with this model's tokenizer; "
                           f"use --set n_windows={len(out)} or less")
+    if with_documents:
+        return out[: params.n_windows], np.array(docs[: params.n_windows])
     return out[: params.n_windows]
 
 
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
     torch.manual_seed(params.seed)
-    wins = windows(model.tokenizer, params)
+    wins, docs = windows(model.tokenizer, params, with_documents=True)
     losses = np.zeros((len(wins), params.window - 1), dtype=np.float64)  # loss of token t+1 given <= t
     pad = model.tokenizer.pad_token_id or 0
     for start in tqdm(range(0, len(wins), BATCH_SIZE), desc="windows", disable=not progress, leave=False):
@@ -114,9 +136,10 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     early, late = around(params.early), around(params.late)
     score = (late - early)[:, None]
     single = (losses[:, params.late - 2] - losses[:, params.early - 2])[:, None]
-    s_mean, s_lo, s_hi = bootstrap_mean_ci(score, n_boot=params.n_boot, seed=params.seed)
-    p_mean, p_lo, p_hi = bootstrap_mean_ci(single, n_boot=params.n_boot, seed=params.seed)
-    mean, lo, hi = bootstrap_mean_ci(losses, n_boot=params.n_boot, seed=params.seed)
+    # windows of one document are correlated: intervals resample documents
+    s_mean, s_lo, s_hi = cluster_bootstrap_mean_ci(score, docs, n_boot=params.n_boot, seed=params.seed)
+    p_mean, p_lo, p_hi = cluster_bootstrap_mean_ci(single, docs, n_boot=params.n_boot, seed=params.seed)
+    mean, lo, hi = cluster_bootstrap_mean_ci(losses, docs, n_boot=params.n_boot, seed=params.seed)
     arrays = {
         "loss.mean": mean.astype(np.float32), "loss.lo": lo.astype(np.float32), "loss.hi": hi.astype(np.float32),
         "token_index": np.arange(2, params.window + 1, dtype=np.int32),
@@ -125,6 +148,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     data = {
         "model": model.spec.name,
         "n_windows": len(wins),
+        "n_documents": int(len(np.unique(docs))),
         "window": params.window,
         "source": "Python 3.11.7 reference documentation topics (pydoc_data), PSF licence",
         "score": [float(s_mean[0]), float(s_lo[0]), float(s_hi[0])],

@@ -49,7 +49,7 @@ from icl.experiments import phase_change as pc
 from icl.experiments import between, each_int
 
 NAME = "llc_phase_change"
-VERSION = 2  # 2: checkpoints read from the phase_change entry instead of a rerun of its training
+VERSION = 3  # 2: checkpoints read from the phase_change entry; 3: chains batched, L_m(w*) looked up
 CHAPTER = "report/09-slt.qmd"
 USES_MODEL = False
 DEPENDS = ("phase_change",)
@@ -128,26 +128,40 @@ def content_digest(p: Params) -> str:
     return h.hexdigest()
 
 
-def sequence_loss_fn(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, slt.LossFn]:
+def sequence_loss_fn(model: tm.AttnOnlyTransformer, tokens: torch.Tensor) -> tuple[torch.Tensor, slt.LossFn]:
     """``w* [d]`` and the loss for :func:`icl.slt.sgld_llc`: per-sequence negative log-likelihood
     (nats summed over the ``n_ctx − 1`` predictions), averaged over the sequences ``tokens[idx]``
     (``tokens``: ``[n, n_ctx]``). With a minibatch the loss returned is ``L_m(w) − L_m(w*)`` (the
     control variate; the gradient is unchanged); with ``idx=None`` it is ``L_n(w) − L_n(w*)``, zero
-    at ``w*``."""
+    at ``w*``. All chains go through the model in one batched pass
+    (:meth:`icl.toymodels.AttnOnlyTransformer.chains_forward`), and the per-sequence losses at ``w*``
+    are computed once, so ``L_m(w*)`` of a minibatch is a lookup."""
+    named = list(model.named_parameters())
+    shapes = [v.shape for _, v in named]
+    sizes = [v.numel() for _, v in named]
+    dtype = named[0][1].dtype
+    w_star = torch.cat([v.detach().reshape(-1) for _, v in named]).to(torch.float64)
     per_seq = tokens.shape[1] - 1
 
-    def batch_loss(forward, idx: torch.Tensor | None) -> torch.Tensor:
-        toks = tokens if idx is None else tokens[idx]  # [batch, n_ctx]
-        return tm.next_token_loss(forward(toks), toks) * per_seq
+    def seq_losses(w: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:  # w [C, d] -> [C, batch] nats
+        C = w.shape[0]
+        pieces = torch.split(w.to(dtype), sizes, dim=1)
+        params = {k: p.reshape(C, *shape) for (k, _), p, shape in zip(named, pieces, shapes)}
+        logits = model.chains_forward(params, toks)  # [C, batch, n_ctx, vocab]
+        V = logits.shape[-1]
+        ce = torch.nn.functional.cross_entropy(logits[:, :, :-1].reshape(-1, V),
+                                               toks[:, 1:].repeat(C, 1).reshape(-1), reduction="none")
+        return ce.view(C, toks.shape[0], per_seq).sum(-1)
 
-    w_star, loss = slt.module_loss_fn(model, batch_loss)
     with torch.no_grad():
-        full_star = loss(w_star[None], None)  # [1]
+        star = torch.cat([seq_losses(w_star[None], tokens[i:i + 256])[0] for i in range(0, len(tokens), 256)])
+        star = star.to(torch.float64)  # [n] per-sequence loss at w*
 
     def centred(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:  # w [chains, d] -> [chains]
-        with torch.no_grad():
-            ref = full_star if idx is None else loss(w_star[None], idx)  # [1]
-        return loss(w, idx) - ref
+        if idx is None:
+            losses = torch.cat([seq_losses(w, tokens[i:i + 256]) for i in range(0, len(tokens), 256)], 1)
+            return losses.to(torch.float64).mean(1) - star.mean()
+        return seq_losses(w, tokens[idx]).to(torch.float64).mean(1) - star[idx].mean()
 
     return w_star, centred
 

@@ -29,6 +29,7 @@ CHAPTER = "report/03-logit-lens.qmd"
 USES_MODEL = True
 DESCRIPTION = "logit lens at the answer position: P(correct first token), rank, number-token mass per layer"
 THREADS = 1  # one thread: the machine is shared, and oversubscribed OpenMP threads are several times slower
+CPU_DTYPE = "bfloat16"  # on the CPU a float32 model runs in bf16 here (forward only); see run_config
 BATCH_SIZE = 8
 
 

@@ -17,6 +17,10 @@ error splits into the sampler's part (estimate vs exact target) and the estimato
 bias (exact target vs λ). Three sweeps show what the hyperparameters do: step size ``ε``, localisation
 ``γ``, and minibatch size.
 
+A step of SGLD on these small models is all overhead (a few microseconds of arithmetic per call), so
+the datasets of one model, and the values of one sweep, run as groups of chains in a single batched
+chain (:func:`icl.slt.sgld_llc_groups`): each step costs about as much as one run's step did.
+
 Model specs are strings without commas: ``linear-10``, ``mono-1-2``, ``rrr-M-N-H-r``.
 """
 
@@ -34,7 +38,7 @@ from icl import slt
 from icl.experiments import between, each_float, each_int, text
 
 NAME = "slt_llc"
-VERSION = 1
+VERSION = 2  # 2: datasets and sweep values run as groups of one batched SGLD (slt.sgld_llc_groups)
 CHAPTER = "report/09-slt.qmd"
 USES_MODEL = False
 DESCRIPTION = "SGLD local learning coefficient vs known RLCTs (regular, monomial, reduced-rank regression)"
@@ -188,6 +192,16 @@ def _run(spec: str, params: Params, data_seed: int, chain_seed: int, **overrides
     return slt.sgld_llc(loss, w_star, params.n, **kw)
 
 
+def _run_groups(spec: str, params: Params, chain_seed: int, groups: int, **overrides: Any) -> list[slt.LLCResult]:
+    """``groups`` estimates on dataset 0 as one batch of chains, each with its own setting (an array
+    in ``overrides``: one step size or localisation per group)."""
+    _, w_star, loss = build(spec, params.n, params.seed)
+    kw = dict(num_chains=params.num_chains, num_steps=params.num_steps, num_burnin=params.num_burnin,
+              step_size=params.step_size, gamma=params.gamma, seed=chain_seed)
+    kw.update(overrides)
+    return slt.sgld_llc_groups(loss, w_star[None].repeat(groups, 1), params.n, **kw)
+
+
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
     torch.set_num_threads(TORCH_THREADS)
@@ -203,10 +217,12 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
         lam, m, d = truth(spec)
         per_chain = np.empty((params.n_datasets, params.num_chains))
         targets = np.empty(params.n_datasets)
-        for ds in range(params.n_datasets):
-            data_seed, chain_seed = params.seed + ds, params.seed + 10_000 + ds
-            data, w_star, _ = build(spec, params.n, data_seed)
-            res = _run(spec, params, data_seed, chain_seed)
+        built = [build(spec, params.n, params.seed + ds) for ds in range(params.n_datasets)]
+        results = slt.sgld_llc_groups(  # every dataset's chains in one batch
+            slt.grouped_full_loss([b[0] for b in built], params.num_chains), torch.stack([b[1] for b in built]),
+            params.n, num_chains=params.num_chains, num_steps=params.num_steps, num_burnin=params.num_burnin,
+            step_size=params.step_size, gamma=params.gamma, seed=params.seed + 10_000)
+        for ds, ((data, w_star, _), res) in enumerate(zip(built, results)):
             per_chain[ds] = res.llc_chains
             targets[ds] = exact_target(spec, data, w_star, beta, params.gamma)
             if ds == 0:
@@ -233,12 +249,10 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     eps_values = np.array([float(v) for v in params.sweep_step_sizes])
     arrays["sweep.step_size"] = eps_values
     for spec in params.sweep_models:
-        vals = np.empty((len(eps_values), params.num_chains))
-        for i, eps in enumerate(eps_values):
-            with np.errstate(all="ignore"):
-                res = _run(spec, params, params.seed, params.seed + 20_000 + i, step_size=float(eps),
-                           num_steps=params.sweep_num_steps, num_burnin=params.num_burnin // 2)
-            vals[i] = res.llc_chains
+        with np.errstate(all="ignore"):  # the largest step sizes diverge, in their own rows only
+            results = _run_groups(spec, params, params.seed + 20_000, len(eps_values), step_size=eps_values,
+                                  num_steps=params.sweep_num_steps, num_burnin=params.num_burnin // 2)
+        vals = np.stack([res.llc_chains for res in results])
         arrays[f"sweep.{spec}.llc_chains"] = vals
         say(f"step sweep {spec}: {np.round(vals.mean(1), 3)}")
 
@@ -247,12 +261,9 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     arrays["gamma.values"] = g_values
     for spec in params.gamma_models:
         data, w_star, _ = build(spec, params.n, params.seed)
-        vals = np.empty((len(g_values), params.num_chains))
-        exact = np.empty(len(g_values))
-        for i, gm in enumerate(g_values):
-            res = _run(spec, params, params.seed, params.seed + 30_000 + i, gamma=float(gm))
-            vals[i] = res.llc_chains
-            exact[i] = exact_target(spec, data, w_star, beta, float(gm))
+        results = _run_groups(spec, params, params.seed + 30_000, len(g_values), gamma=g_values)
+        vals = np.stack([res.llc_chains for res in results])
+        exact = np.array([exact_target(spec, data, w_star, beta, float(gm)) for gm in g_values])
         arrays[f"gamma.{spec}.llc_chains"], arrays[f"gamma.{spec}.target"] = vals, exact
         say(f"gamma sweep {spec}: {np.round(vals.mean(1), 3)} vs {np.round(exact, 3)}")
 

@@ -31,6 +31,7 @@ CHAPTER = "report/01-surprisal.qmd"
 USES_MODEL = True
 DESCRIPTION = "answer surprisal, P(correct) and exact match vs number of in-context examples, task suite"
 THREADS = 1  # see icl.experiments.threads_of
+CPU_DTYPE = "bfloat16"  # on the CPU a float32 model runs in bf16 here (forward only); see run_config
 BATCH_SIZE = 8
 
 
