@@ -32,7 +32,7 @@ from tqdm import tqdm
 from icl.errors import ConfigError
 from icl.experiments import between
 from icl.scoring import token_logprobs
-from icl.stats import cluster_bootstrap_mean_ci
+from icl.stats import bootstrap_mean_ci, cluster_bootstrap_mean_ci
 
 NAME = "icl_score"
 VERSION = 2
@@ -136,10 +136,17 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     early, late = around(params.early), around(params.late)
     score = (late - early)[:, None]
     single = (losses[:, params.late - 2] - losses[:, params.early - 2])[:, None]
-    # windows of one document are correlated: intervals resample documents
-    s_mean, s_lo, s_hi = cluster_bootstrap_mean_ci(score, docs, n_boot=params.n_boot, seed=params.seed)
-    p_mean, p_lo, p_hi = cluster_bootstrap_mean_ci(single, docs, n_boot=params.n_boot, seed=params.seed)
-    mean, lo, hi = cluster_bootstrap_mean_ci(losses, docs, n_boot=params.n_boot, seed=params.seed)
+    # windows of one document are correlated: intervals resample documents (windows, if only one)
+    unit = "documents" if len(np.unique(docs)) >= 2 else "windows"
+
+    def interval(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if unit == "documents":
+            return cluster_bootstrap_mean_ci(values, docs, n_boot=params.n_boot, seed=params.seed)
+        return bootstrap_mean_ci(values, n_boot=params.n_boot, seed=params.seed)
+
+    s_mean, s_lo, s_hi = interval(score)
+    p_mean, p_lo, p_hi = interval(single)
+    mean, lo, hi = interval(losses)
     arrays = {
         "loss.mean": mean.astype(np.float32), "loss.lo": lo.astype(np.float32), "loss.hi": hi.astype(np.float32),
         "token_index": np.arange(2, params.window + 1, dtype=np.int32),
@@ -148,7 +155,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     data = {
         "model": model.spec.name,
         "n_windows": len(wins),
-        "n_documents": int(len(np.unique(docs))),
+        "n_documents": int(len(np.unique(docs))),  # >= 2: intervals resample documents; else windows
         "window": params.window,
         "source": "Python 3.11.7 reference documentation topics (pydoc_data), PSF licence",
         "score": [float(s_mean[0]), float(s_lo[0]), float(s_hi[0])],
