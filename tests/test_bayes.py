@@ -46,3 +46,21 @@ def test_held_out_comparison_prefers_the_true_model():
     assert fit["held_out"]["logistic_rmse"] < 0.01 < fit["held_out"]["power_rmse"]
     assert fit["c"] == pytest.approx(expit(0.6), abs=1e-3)
     assert fit["c_ci"][0] <= fit["c"] <= fit["c_ci"][1]
+
+
+def test_ideal_affine_learner_by_hand():
+    """Two rules and 'no rule' on answers 0..9: the first answer is paid by hand-computed odds, a rule
+    is pinned once it alone fits, and an answer no rule gives costs log 10 from then on."""
+    from icl.bayes import ideal_affine_surprisal
+
+    xs = np.array([[1, 2, 3], [1, 2, 3]])
+    ys = np.array([[2, 3, 4], [2, 7, 5]])  # y = x + 1, then a prompt that leaves the rules at once
+    s = ideal_affine_surprisal(xs, ys, slopes=[1, 2], intercepts=[0, 1], y_max=9, p_rule=0.5)
+    # x=1, y=2: rules (1,1) and (2,0) give 2, so P = 2 * 0.5/4 + 0.5/10
+    assert np.isclose(s[0, 0], -np.log(2 * 0.125 + 0.05))
+    # x=2: (1,1) says 3, (2,0) says 4; weights 0.125 each, no-rule 0.5/10
+    z = 0.25 + 0.05
+    assert np.isclose(s[0, 1], -np.log((0.125 + 0.005) / z))
+    assert np.isclose(s[0, 2], -np.log((0.125 + 0.0005) / 0.13))  # pinned: only 'no rule' is left beside it
+    assert np.isclose(s[1, 1], -np.log((0.005) / z))
+    assert np.isclose(s[1, 2], np.log(10))  # no rule left: uniform over 0..9

@@ -34,3 +34,17 @@ def test_params_and_digest(small):
     assert logit_lens.content_digest(small) != logit_lens.content_digest(dataclasses.replace(small, seed=1))
     assert logit_lens.first_layer(np.array([0.1, 0.4, 0.6, 0.2]), 0.5) == 2
     assert logit_lens.first_layer(np.array([0.1, 0.4]), 0.5) is None
+
+
+def test_base_rates_sit_beside_the_accuracies(tiny_llama):
+    """The modal first token's share is the accuracy of always naming it; the final top-1 is split by
+    whether the answer starts with that token, and the two groups cover every prompt."""
+    from icl.experiments import logit_lens as exp
+
+    p = experiments.make_params(exp, {"tasks": "double-plus-3", "n_prompts": "12", "k": "3", "n_boot": "50"})
+    arrays, data = exp.compute(p, tiny_llama)
+    t = data["tasks"]["double-plus-3"]
+    modal = arrays["double-plus-3.first_is_modal"]
+    assert t["modal_rate"] == pytest.approx(modal.mean()) and 1 / 12 <= t["modal_rate"] <= 1
+    assert sum(v[3] for v in t["final_top1_by_first_token"].values()) == 12
+    assert t["floor_logp_answer"] == pytest.approx(-np.log(99))

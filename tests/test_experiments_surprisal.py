@@ -41,3 +41,24 @@ def test_content_digest_tracks_prompts(small_params):
     other = dataclasses.replace(small_params, seed=1)
     assert surprisal.content_digest(small_params) == surprisal.content_digest(small_params)
     assert surprisal.content_digest(small_params) != surprisal.content_digest(other)
+
+
+@pytest.mark.slow
+def test_controls_floor_ideal_learner_and_carries(smol):
+    """The shuffled control of the copy rule costs far more than the rule on the same prompts; the
+    floor is log |Y|; the ideal learner pins a rule of its grid within a few examples; plus-1 has
+    carry and non-carry examples reported apart."""
+    params = experiments.make_params(surprisal, {"tasks": "identity,plus-1", "n_prompts": "6", "k": "10",
+                                                 "n_control": "4", "late_from": "3", "n_boot": "50"})
+    arrays, data = surprisal.compute(params, smol)
+    ident = data["tasks"]["identity"]
+    assert arrays["identity.shuffled.answer_nats"].shape == (4, 10)
+    assert ident["rule_minus_shuffled_tail5_nats"][2] < -1.0  # the rule is worth more than a nat
+    assert ident["floor_nats"] == pytest.approx(np.log(99)) and ident["support"] == 99
+    assert arrays["identity.ideal_nats"][2:].max() < 0.05 < arrays["identity.ideal_nats"][0]
+    assert "carries" not in ident and "shuffled_tail5_nats" in ident
+    plus1 = data["tasks"]["plus-1"]
+    xs = arrays["plus-1.x"]
+    if (xs[:, 2:] % 10 == 9).any():
+        assert plus1["carries"]["carry"]["n"] == int((xs[:, 2:] % 10 == 9).sum())
+    assert plus1["carries"]["no_carry"]["n"] + plus1["carries"].get("carry", {"n": 0})["n"] == 6 * 8

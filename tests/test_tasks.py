@@ -75,3 +75,29 @@ def test_split_names_keeps_the_comma_of_an_affine_spec():
     assert tasks.split_names("identity,affine:3,1,double") == ("identity", "affine:3,1", "double")
     assert tasks.split_names("affine:-2, 5") == ("affine:-2, 5",)
     assert tasks.split_names("") == () and tasks.split_names("plus-1") == ("plus-1",)
+
+
+def test_shuffled_answers_keep_the_marginal_and_break_every_pair():
+    from icl import tasks
+
+    prompts = tasks.make_prompts("double-plus-3", 20, 12, 0)
+    control = tasks.shuffled_answers(prompts, 0)
+    assert control == tasks.shuffled_answers(prompts, 0)  # deterministic
+    for p, c in zip(prompts, control):
+        assert c.xs == p.xs and sorted(c.ys) == sorted(p.ys)
+        assert all(y != 2 * x + 3 for x, y in zip(c.xs, c.ys))  # a derangement: no pair follows the rule
+        assert c.task == "shuffled:double-plus-3"
+        for (a, b), y in zip(c.answer_spans, c.ys):
+            assert c.text[a:b] == f"{y})"
+
+
+def test_answer_support_and_carries():
+    import numpy as np
+
+    from icl import tasks
+
+    assert tasks.answer_support("double-plus-3") == 99 and tasks.answer_support("random") == 197
+    assert tasks.answer_support("identity") == 99
+    assert tasks.carries("plus-1", np.array([9, 19, 10, 98])).tolist() == [True, True, False, False]
+    assert tasks.carries("plus-10", np.array([9, 19])).tolist() == [False, False]
+    assert tasks.carries("double", np.array([9])) is None and tasks.carries("random", np.array([9])) is None

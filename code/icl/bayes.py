@@ -28,6 +28,7 @@ loss, so the two are compared on equal terms, in-sample and on held-out examples
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from scipy.optimize import minimize
@@ -128,3 +129,31 @@ def pooled_surprisal_rmse(p_obs: np.ndarray, predicted_surprisal: np.ndarray) ->
     not with the mean surprisal (which is larger, by Jensen's inequality)."""
     observed = -np.log(np.clip(np.asarray(p_obs, dtype=float).mean(axis=0), EPS, 1.0))
     return float(np.sqrt(np.mean((observed - predicted_surprisal) ** 2)))
+
+
+def ideal_affine_surprisal(xs: np.ndarray, ys: np.ndarray, slopes: Sequence[int], intercepts: Sequence[int],
+                           y_max: int, p_rule: float = 0.5) -> np.ndarray:
+    """Surprisal (nats) of each answer for the exact Bayesian learner of a stated rule family.
+
+    Hypotheses: every rule ``y = a x + b`` with ``a`` in ``slopes`` and ``b`` in ``intercepts``, sharing
+    prior mass ``p_rule`` equally, and "no rule", mass ``1 - p_rule``, under which each answer is
+    uniform on ``0 .. y_max``. The learner sees examples in order and predicts the whole answer ``y_i``
+    from ``x_i`` and the examples before it: a rule keeps its weight while it fits every example seen
+    and drops out at its first miss. ``xs``, ``ys``: ``[prompts, k]``; returns ``[prompts, k]``.
+
+    It is the reference for how many bits learning a rule of the family *needs*: a rule of the grid
+    costs about ``log2`` of the number of rules consistent with the first example, then nothing; an
+    answer outside every rule costs ``log(y_max + 1)`` for ever.
+    """
+    xs, ys = np.asarray(xs, dtype=np.int64), np.asarray(ys, dtype=np.int64)
+    a = np.repeat(np.asarray(slopes, dtype=np.int64), len(intercepts))
+    b = np.tile(np.asarray(intercepts, dtype=np.int64), len(slopes))
+    G, Y = len(a), y_max + 1
+    match = (a * xs[..., None] + b) == ys[..., None]  # [n, k, G]
+    alive = np.concatenate([np.ones_like(match[:, :1]), np.cumprod(match, axis=1)[:, :-1]], axis=1)  # before i
+    seen = np.arange(xs.shape[1])[None]  # examples seen before example i
+    w_rule = alive * (p_rule / G)  # [n, k, G]
+    w_none = (1 - p_rule) * np.exp(-seen * np.log(Y))  # [1, k]
+    in_range = (ys >= 0) & (ys <= y_max)
+    p = ((w_rule * match).sum(-1) + w_none * in_range / Y) / (w_rule.sum(-1) + w_none)
+    return -np.log(p)

@@ -172,3 +172,53 @@ def suite_digest(prompts_by_task: dict[str, list[Prompt]]) -> str:
     for name, prompts in prompts_by_task.items():
         h.update(f"{name}:{get_task(name)}:{prompts_digest(prompts)}".encode())
     return h.hexdigest()
+
+
+def with_answers(prompt: Prompt, ys: "list[int] | tuple[int, ...]", task: str) -> Prompt:
+    """The same examples' ``x`` values with other answers ``ys`` (same line format), named ``task``."""
+    text, lines, answers = "", [], []
+    for x, y in zip(prompt.xs, ys):
+        line, offset = format_example(int(x), int(y))
+        start = len(text)
+        lines.append((start, start + len(line)))
+        answers.append((start + offset, start + len(line) - 1))
+        text += line
+    return Prompt(task, tuple(prompt.xs), tuple(int(y) for y in ys), text, tuple(lines), tuple(answers))
+
+
+def shuffled_answers(prompts: list[Prompt], seed: int) -> list[Prompt]:
+    """The same-marginal control of a rule: each prompt's answers permuted among its own examples.
+
+    Every prompt keeps its ``x`` values and the multiset of its answers, so the answers' digits,
+    parity, range and frequencies are exactly those of the rule; only the pairing of ``y`` with ``x``
+    is gone. What a model gains on the rule's prompts over these is what the rule itself is worth to
+    it; what it gains on these over a uniform random answer is the answers' marginal (for ``2x + 3``:
+    odd numbers between 5 and 201)."""
+    out = []
+    for i, p in enumerate(prompts):
+        rng = np.random.default_rng([seed, i, *_stream_seed(0, p.task)])
+        order = rng.permutation(len(p.ys))
+        while len(p.ys) > 1 and (order == np.arange(len(p.ys))).any():  # a derangement: no example
+            order = rng.permutation(len(p.ys))  # keeps its own answer, so none follows the rule by chance
+        out.append(with_answers(p, [p.ys[j] for j in order], f"shuffled:{p.task}"))
+    return out
+
+
+def answer_support(task: "Task | str") -> int:
+    """How many distinct answers the task can give on its x range: ``log`` of it is the surprisal of a
+    learner that knows the set of answers (and that they are equally likely) but not the rule."""
+    task = get_task(task) if isinstance(task, str) else task
+    if task.random_rule:
+        return int(task.y_max - task.y_min + 1)  # type: ignore[operator]
+    xs = np.arange(task.x_min, task.x_max + 1)
+    return int(len(np.unique(task.a * xs + task.b)))
+
+
+def carries(task: "Task | str", xs: np.ndarray) -> np.ndarray | None:
+    """For ``y = x + b`` (``a = 1``, ``b >= 0``): whether adding ``b`` to ``x`` carries out of the units
+    digit (``x`` ending in 9 for plus-1), the examples where the answer is not ``x`` with its last digit
+    changed. None for other rules."""
+    task = get_task(task) if isinstance(task, str) else task
+    if task.random_rule or task.a != 1 or task.b < 0:
+        return None
+    return (np.asarray(xs) % 10 + task.b % 10) >= 10

@@ -21,10 +21,11 @@ from icl import tasks
 from icl.experiments import TASKS, between, reporter
 from icl.lens import answer_lens
 from icl.runner import LlamaStack
+from icl.scoring import encode
 from icl.stats import bootstrap_mean_ci, first_at_least
 
 NAME = "logit_lens"
-VERSION = 1
+VERSION = 2  # 2: base rates (modal first token, answer support) beside every accuracy
 CHAPTER = "report/03-logit-lens.qmd"
 USES_MODEL = True
 DESCRIPTION = "logit lens at the answer position: P(correct first token), rank, number-token mass per layer"
@@ -88,6 +89,19 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
             arrays[f"{name}.{key}.mean"], arrays[f"{name}.{key}.lo"], arrays[f"{name}.{key}.hi"] = m, lo, hi
             curves[key] = m
         arrays[f"{name}.median_rank"] = np.median(res.rank_first, axis=0)
+        # Base rates. A reader that always names the commonest first answer token is right on
+        # `modal_rate` of the prompts; the final top-1 is split by whether the answer starts with it.
+        firsts = np.array([(lambda e: e.ids[e.answer_tokens[-1][0]])(encode(model.tokenizer, p)) for p in prompts])
+        values, counts = np.unique(firsts, return_counts=True)
+        modal = int(values[counts.argmax()])
+        is_modal = firsts == modal
+        arrays[f"{name}.first_is_modal"] = is_modal
+        top1_final = (res.rank_first[:, -1] == 0).astype(float)[:, None]
+        split = {}
+        for label, which in (("modal", is_modal), ("other", ~is_modal)):
+            if which.sum() >= 2:
+                split[label] = [float(v[0]) for v in bootstrap_mean_ci(top1_final[which], n_boot=params.n_boot,
+                                                                       seed=params.seed)] + [int(which.sum())]
         is_number = first_layer(curves["number_mass"], 0.5)
         is_right = first_layer(curves["top1"], 0.5)
         summary[name] = {
@@ -99,6 +113,10 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
             "final_top1": float(curves["top1"][-1]),
             "final_number_mass": float(curves["number_mass"][-1]),
             "final_logp_answer": float(curves["logp_answer"][-1]),
+            "modal_first_token": model.tokenizer.decode([modal]),
+            "modal_rate": float(is_modal.mean()),  # top-1 accuracy of always naming the modal first token
+            "final_top1_by_first_token": split,  # [mean, lo, hi, n] for answers that start with it / not
+            "floor_logp_answer": -float(np.log(tasks.answer_support(name))),  # knows the answers, not the rule
         }
     data = {"model": model.spec.name, "n_layers": n_layers, "n_prompts": params.n_prompts, "k": params.k,
             "seed": params.seed, "ci_level": 0.95, "tasks": summary,
