@@ -162,6 +162,8 @@ def main() -> None:
                                                        "checked against")
     ap.add_argument("--compare", metavar="DIR", help="only compare the entries in DIR with --reference")
     ap.add_argument("--only", nargs="*", help="with --compare: these experiments (default: all)")
+    ap.add_argument("--save", metavar="JSON", help="also write the results to this file (Appendix B reads "
+                                                   "benchmarks/results/cold_compute.json)")
     args = ap.parse_args()
     if args.compare:
         if not args.reference:
@@ -193,16 +195,35 @@ def main() -> None:
     print(f"{'total wall':<22}{total:>9.0f}{base_sum:>15.0f}{total / base_sum:>8.2f}  "
           f"(committed: the sum of elapsed_s, one at a time)")
     print(f"\nper chapter, projected from this run's times on {args.jobs} workers:")
+    chapters = {}
     for chapter in quarto.book_files(ROOT):
         needs = sorted(set(re.findall(r'book\.load\("(\w+)"', chapter.read_text())))
         if needs:
             t = project(needs, took, args.jobs)
+            chapters[chapter.relative_to(ROOT).as_posix()] = {"seconds": round(t, 1),
+                                                                "experiments": schedule.closure(needs)}
             print(f"  {chapter.relative_to(ROOT).as_posix():<36}{t:>7.0f} s  ({', '.join(schedule.closure(needs))})")
+    checks = {}
     if args.reference:
         ref = reference_cache(args.reference)
         print(f"\nstatistics against the entries committed at {args.reference}:")
         for name in names:
-            print(f"  {name:<22}{compare(name, out, ref)}")
+            checks[name] = compare(name, out, ref)
+            print(f"  {name:<22}{checks[name]}")
+    if args.save:
+        import json
+        import os
+        import platform
+
+        record = {
+            "date": time.strftime("%Y-%m-%d"), "jobs": args.jobs, "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(), "total_s": round(total, 1),
+            "committed_sum_s": round(base_sum, 1),
+            "experiments": {n: {"seconds": round(took[n], 1), "committed_s": baseline[n]} for n in names},
+            "chapters": chapters, "reference": args.reference, "statistics": checks,
+        }
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(json.dumps(record, indent=1) + "\n")
     print(f"\ntargets: all <= 1200 s ({'met' if total <= 1200 else 'NOT met'}); "
           f"one chapter <= 360 s")
 

@@ -44,3 +44,20 @@ def test_step0_read_from_a_matching_patching_entry(tiny_llama, small):
     other = SimpleNamespace(key_inputs={"params": {**asdict(pp), "seed": 1}}, arrays=p_arrays)
     _, other_data = exp.compute(small, tiny_llama, upstream={"patching": other})
     assert not other_data["step0_from_patching"]
+
+
+def test_controls_and_corrected_tests_are_recorded(tiny_llama, small):
+    arrays, data = exp.compute(small, tiny_llama)
+    steps = data["procedure"]
+    for step in steps:
+        assert sum(step["first_layer_boot"]) == pytest.approx(1.0)
+        lo, hi = step["first_layer_range"]
+        assert lo is None or hi is None or lo <= hi
+    for step in steps[1:]:
+        ctrls = step["random_layer_controls"]
+        assert len(ctrls) == min(small.n_controls, 3 - len(step["ablated_layers"]))  # blocks that fit elsewhere
+        assert all(len(c["layers"]) == len(step["ablated_layers"]) and c["layers"] != step["ablated_layers"]
+                   for c in ctrls)
+    s = data["tasks"]["plus-1"]["zero"]
+    assert s["n_tests"] == 3 * 8 and 0 <= s["n_significant_bh"] <= s["n_tests"]
+    assert arrays["plus-1.zero.bh_significant"].shape == (3, 8)

@@ -41,3 +41,15 @@ def test_only_two_digit_queries(small):
     assert len(prompts) == 30 and all(10 <= p.xs[-1] <= 99 for p in prompts)
     with pytest.raises(ValueError):
         dataclasses.replace(small, threshold=0).validate()
+
+
+def test_base_rates_and_informative_pairs(tiny_llama, small):
+    """Every first-token readout gets its base rate, and the pairs whose answer starts like x (which
+    cannot tell the answer from a copy) are counted and left out of the informative readout."""
+    arrays, data = exp.compute(small, tiny_llama)
+    t = data["tasks"]["plus-1"]
+    rates = t["base_rates"]
+    assert 0 < rates["modal_y"] <= 1 and 0 < rates["modal_2x"] <= 1
+    assert t["n_informative"] == round(small.n_pairs * (1 - rates["y_first_equals_x_first"]))
+    if t["n_informative"]:
+        assert arrays["plus-1.resid_pre.argmax_y_informative"].shape == arrays["plus-1.resid_pre.recovered.mean"].shape

@@ -25,17 +25,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats as scipy_stats
 
 from icl import ablation, patching, tasks
 from icl.experiments import TASKS, between, reporter
-from icl.experiments.patching import bootstrap_recovered
+from icl.experiments.patching import bootstrap_recovered, first_layer_distribution
 from icl.experiments.patching import prompts_for as patching_prompts
 from icl.experiments.patching import Params as PatchingParams
 from icl.runner import LlamaStack
-from icl.stats import bootstrap_mean_ci, first_at_least
+from icl.stats import benjamini_hochberg, bootstrap_mean_ci, first_at_least
 
 NAME = "ablation"
-VERSION = 3  # 3: one clean pass per task; step 0 of the procedure read from the patching entry
+VERSION = 4  # 3: one clean pass per task, step 0 read from patching; 4: BH per-head tests, random-layer
+# controls, bootstrap distribution of the first working layer
 CHAPTER = "report/05-ablation.qmd"
 USES_MODEL = True
 DESCRIPTION = "zero/mean ablation of every head at the answer position; ablate, re-patch, backup heads"
@@ -53,6 +55,8 @@ class Params:
     iterations: int = 2
     threshold: float = 0.5
     n_boot: int = 1000
+    n_controls: int = 3  # random blocks of layers, as many as the procedure ablates, per iteration
+    fdr: float = 0.05  # Benjamini-Hochberg level of the per-head tests
 
     def validate(self) -> None:
         for name in self.tasks:
@@ -64,7 +68,8 @@ class Params:
 
 
 LIMITS = {"tasks": TASKS, "procedure_task": TASKS, "n_pairs": between(2, 500), "k": between(2, 99),
-          "iterations": between(1, 10), "threshold": between(0.01, 1.0), "n_boot": between(20, 10_000)}
+          "iterations": between(1, 10), "threshold": between(0.01, 1.0), "n_boot": between(20, 10_000),
+          "n_controls": between(0, 20), "fdr": between(0.001, 0.5)}
 
 
 def prompts_for(params: Params) -> dict[str, list[tasks.Prompt]]:
@@ -78,6 +83,16 @@ def content_digest(params: Params) -> str:
 
 def _first_working(m: np.ndarray, threshold: float) -> int | None:
     return first_at_least(m.max(axis=1), threshold)  # best query position per layer
+
+
+def _first_layer_summary(dist: np.ndarray) -> dict[str, Any]:
+    """The bootstrap distribution of the first working layer (last entry: no layer works) and its 95%
+    range, None standing for "no layer"."""
+    cum = np.cumsum(dist)
+    n = len(dist) - 1
+    lo, hi = int(np.searchsorted(cum, 0.025)), int(np.searchsorted(cum, 0.975))
+    return {"first_layer_boot": [float(v) for v in dist],
+            "first_layer_range": [None if lo >= n else lo, None if hi >= n else hi]}
 
 
 def _patching_step0(params: Params, upstream: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -124,9 +139,18 @@ def compute(params: Params, model: Any, progress: bool = False,
             arrays[f"{name}.{mode}.delta.mean"], arrays[f"{name}.{mode}.delta.lo"] = m, lo
             arrays[f"{name}.{mode}.delta.hi"] = hi
             order = np.argsort(m, axis=None)[:5]
+            # per-head test of "ablating it changes log P": one-sample t-test over prompts, with the
+            # false discovery rate over all heads controlled by Benjamini-Hochberg
+            p_values = scipy_stats.ttest_1samp(delta, 0.0, axis=0).pvalue  # [layers, heads]
+            p_values = np.where(np.isfinite(p_values), p_values, 1.0)
+            rejected, _ = benjamini_hochberg(p_values, params.fdr)
+            arrays[f"{name}.{mode}.bh_significant"] = rejected
             s[mode] = {"worst": [[int(i // stack.n_heads), int(i % stack.n_heads), float(m.flat[i]),
                                   float(lo.flat[i]), float(hi.flat[i])] for i in order],
-                       "n_significant": int((hi < 0).sum()),
+                       "n_significant": int((hi < 0).sum()),  # interval below zero, uncorrected
+                       "n_tests": int(m.size),
+                       "n_significant_bh": int((rejected & (m < 0)).sum()),  # harmful, FDR-controlled
+                       "n_helpful_bh": int((rejected & (m > 0)).sum()),
                        "largest_drop": float(m.min())}
         summary[name] = s
 
@@ -144,11 +168,12 @@ def compute(params: Params, model: Any, progress: bool = False,
         say(f"procedure on {name}: patching sweep before any ablation read from the patching entry")
         grid0, logp_a0, logp_b = step0
     m, lo, hi = bootstrap_recovered(grid0, logp_a0, logp_b, params.n_boot, params.seed)
+    dist0 = first_layer_distribution(grid0, logp_a0, logp_b, params.n_boot, params.seed, params.threshold)
     arrays["procedure.0.recovered.mean"], arrays["procedure.0.recovered.lo"] = m, lo
     arrays["procedure.0.recovered.hi"] = hi
     first = _first_working(m, params.threshold)
     steps: list[dict[str, Any]] = [{
-        "ablated_layers": [], "first_layer": first,
+        "ablated_layers": [], "first_layer": first, **_first_layer_summary(dist0),
         "logp_a": [float(np.asarray(v).ravel()[0]) for v in
                    bootstrap_mean_ci(logp_a0[:, None], n_boot=params.n_boot, seed=params.seed)]}]
     ablated_layers: list[int] = []
@@ -166,6 +191,19 @@ def compute(params: Params, model: Any, progress: bool = False,
         # normalise by the ablated A (what is being patched) and the same B
         m, lo, hi = bootstrap_recovered(grid.logp["resid_pre"], logp_abl.numpy().astype(np.float64),
                                         grid.logp_b, params.n_boot, params.seed)
+        dist = first_layer_distribution(grid.logp["resid_pre"], logp_abl.numpy().astype(np.float64), grid.logp_b,
+                                        params.n_boot, params.seed, params.threshold)
+        # matched controls: as many layers, in random contiguous blocks elsewhere, zeroed the same way
+        controls = []
+        rng = np.random.default_rng([params.seed, it])
+        width = len(ablated_layers)
+        starts = [s0 for s0 in range(stack.n_layers - width + 1) if s0 != min(ablated_layers)]
+        for s0 in rng.choice(starts, size=min(params.n_controls, len(starts)), replace=False).tolist():
+            block = list(range(s0, s0 + width))
+            ctrl, _ = ablation.a_runs(stack, tok, pairs, z_edit=ablation.zero_heads_edit(
+                [(layer, h) for layer in block for h in range(stack.n_heads)]))
+            controls.append({"layers": block, "logp_a": [float(np.asarray(v).ravel()[0]) for v in bootstrap_mean_ci(
+                ctrl.logp[:, None], n_boot=params.n_boot, seed=params.seed)]})
         arrays[f"procedure.{it}.recovered.mean"], arrays[f"procedure.{it}.recovered.lo"] = m, lo
         arrays[f"procedure.{it}.recovered.hi"] = hi
         change = runs.direct - clean.direct  # [n, layers, heads]
@@ -182,6 +220,8 @@ def compute(params: Params, model: Any, progress: bool = False,
             "logp_a": [float(np.asarray(v).ravel()[0]) for v in
                        bootstrap_mean_ci(logp_abl.numpy()[:, None], n_boot=params.n_boot, seed=params.seed)],
             "runner_matches_bridge": float(np.abs(runs.logp - logp_abl.numpy()).max()),
+            **_first_layer_summary(dist),
+            "random_layer_controls": controls,
             "backup_heads": [[int(i // stack.n_heads), int(i % stack.n_heads), float(cm.flat[i]),
                               float(clo.flat[i]), float(chi.flat[i])] for i in order],
         })

@@ -29,7 +29,7 @@ from icl.runner import LlamaStack
 from icl.stats import first_at_least, resampled_means
 
 NAME = "patching"
-VERSION = 2
+VERSION = 3  # 3: base rates of the first-token readouts and the pairs that tell answer from copy
 CHAPTER = "report/04-patching.qmd"
 USES_MODEL = True
 DESCRIPTION = "activation patching A (k examples) -> B (query only): resid/attn/MLP, layers x query positions"
@@ -89,6 +89,23 @@ def bootstrap_recovered(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray
     return patching.recovered(lp, logp_a, logp_b), lo, hi
 
 
+def first_layer_distribution(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray, n_boot: int, seed: int,
+                             threshold: float) -> np.ndarray:
+    """The bootstrap distribution of the first working layer: on the resamples of
+    :func:`bootstrap_recovered` (same seed, same pairs), the first layer whose best query position
+    recovers at least ``threshold``. ``logp`` ``[n, layers, positions]``; returns ``[layers + 1]`` shares,
+    the last entry for resamples in which no layer works."""
+    n, L = logp.shape[0], logp.shape[1]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    lp = logp.astype(np.float64)
+    rec = (resampled_means(lp, idx) - logp_b[idx].mean(1)[:, None, None]) / \
+        (logp_a[idx].mean(1) - logp_b[idx].mean(1))[:, None, None]  # [boot, layers, positions]
+    works = rec.max(axis=2) >= threshold  # [boot, layers]
+    first = np.where(works.any(1), works.argmax(1), L)
+    return np.bincount(first, minlength=L + 1) / n_boot
+
+
 def first_token(tokenizer, number: int) -> int:
     return int(tokenizer(str(number), add_special_tokens=False)["input_ids"][0])
 
@@ -143,6 +160,16 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
         s["b_argmax_is_y"] = float((grid.argmax_b == targets["y"]).mean())
         s["b_argmax_is_x"] = float((grid.argmax_b == targets["x"]).mean())
         s["rule"] = tasks.get_task(name).rule
+        # Base rates of the first-token readouts: always naming the commonest first token of y (or of 2x)
+        # is right this often, and a pair whose y starts like x cannot tell the answer from a copy of x.
+        s["base_rates"] = {f"modal_{key}": float((v == np.bincount(v).argmax()).mean())
+                           for key, v in (("y", targets["y"]), ("2x", targets["2x"]))}
+        informative = targets["y"] != targets["x"]
+        s["base_rates"]["y_first_equals_x_first"] = float((~informative).mean())
+        s["n_informative"] = int(informative.sum())
+        if informative.any():
+            hit = grid.argmax["resid_pre"][informative] == targets["y"][informative, None, None]
+            arrays[f"{name}.resid_pre.argmax_y_informative"] = hit.mean(0)  # [layers, positions]
         summary[name] = s
         q_tokens = [tok.decode([t]) for t in pairs.b_ids[0, -pairs.q_len:].tolist()]
     data = {"model": model.spec.name, "n_layers": stack.n_layers, "n_pairs": params.n_pairs, "k": params.k,
