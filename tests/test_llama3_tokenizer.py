@@ -213,7 +213,7 @@ TOY = {
     "induction_heads": {"n_seqs": "3", "half": "10", "tasks": "identity,random", "n_prompts": "2", "k": "3",
                         "n_boot": "20"},
     "c2w_pretrained": {"ks": "1,2", "lrs": "0.001", "steps": "2", "record": "1,2", "n_contexts": "2",
-                       "n_query": "2"},
+                       "n_query": "2", "layers": "1"},
 }
 
 

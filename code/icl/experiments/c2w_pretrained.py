@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from icl import finetune as ft
 from icl import scoring, tasks, timing
+from icl.errors import ConfigError
 from icl.experiments import TASKS, between, each_float, each_int, one_of
 
 NAME = "c2w_pretrained"
@@ -145,7 +146,10 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
     ks, lrs, record = [int(k) for k in p.ks], [float(x) for x in p.lrs], [int(n) for n in p.record]
     K, C, m = max(ks), p.n_contexts, p.n_query
     prompts = prompts_for(p)
-    layers = ft.mlp_layers(hf.config.num_hidden_layers, [int(i) for i in p.layers])
+    try:
+        layers = ft.mlp_layers(hf.config.num_hidden_layers, [int(i) for i in p.layers])
+    except ValueError as exc:
+        raise ConfigError(f"{NAME}: {exc}; choose them with --set layers=...") from exc
     tail = ft.Tail(hf, layers[0])
 
     def query_seqs(c: int, k: int) -> tuple[list[list[int]], list[tuple[int, ...]]]:
