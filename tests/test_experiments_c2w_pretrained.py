@@ -11,7 +11,7 @@ from icl import experiments, finetune, scoring
 from icl.config import Config
 from icl.experiments import c2w_pretrained as cp
 
-SMALL = dict(ks=("1", "2"), lrs=("0", "0.01"), steps=2, record=("1", "2"), n_contexts=2, n_query=2)
+SMALL = dict(ks=("1", "2"), lrs=("0", "0.01"), steps=2, record=("1", "2"), n_contexts=2, n_query=2, layers=("1", "-1"))
 
 
 def _state(model):
@@ -52,20 +52,67 @@ def test_weights_restored_and_deterministic(small_run, timing_keys):
         assert np.array_equal(a1[key], a2[key], equal_nan=a1[key].dtype.kind == "f"), key
 
 
-def test_restoring_undoes_changes_even_after_an_error():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
-    net[1].weight.requires_grad_(False)
-    before = _state(net)
-    with pytest.raises(RuntimeError), finetune.restoring(net):
-        for q in net.parameters():
-            q.requires_grad_(True)
-        net(torch.ones(2, 3)).sum().backward()
-        with torch.no_grad():
-            net[0].weight += 1.0
+def test_subset_trains_only_its_mlps_and_restores_them_even_after_an_error(tiny_llama):
+    hf = tiny_llama.bridge.original_model
+    before = _state(hf)
+    flags = {n: q.requires_grad for n, q in hf.named_parameters()}
+    with pytest.raises(RuntimeError), finetune.Subset(hf, [1]) as subset:
+        trainable = {id(q) for q in hf.parameters() if q.requires_grad}
+        assert trainable == {id(q) for q in hf.model.layers[1].mlp.parameters()} and len(trainable) == 3
+        assert subset.n_trained == sum(q.numel() for q in hf.model.layers[1].mlp.parameters())
+        ids = torch.tensor([[1, 2, 3, 4]])
+        finetune.lm_loss(hf, ids, torch.tensor([[False, True, True, True]])).backward()
+        torch.optim.SGD(subset.params, lr=1.0).step()
+        assert not subset.unchanged()
         raise RuntimeError("boom")
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    assert net[0].weight.grad is None and not net[1].weight.requires_grad and net[0].weight.requires_grad
+    assert subset.unchanged() and all(q.grad is None for q in hf.parameters())
+    assert all(torch.equal(before[k], v) for k, v in hf.state_dict().items())
+    assert flags == {n: q.requires_grad for n, q in hf.named_parameters()}
+
+
+def test_subset_of_a_bf16_model_trains_in_float32_and_goes_back_bit_for_bit(tiny_llama_dir):
+    """A bf16 weight cannot take a small update (spacing 2^-7 of its size); the subset is upcast."""
+    from icl import models
+
+    loaded = models.load(Config(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16"))
+    hf = loaded.bridge.original_model
+    before = _state(hf)
+    ids, targets = torch.tensor([[1, 2, 3, 4, 5]]), torch.tensor([[False, True, True, True, True]])
+    with finetune.Subset(hf, [0, 2]) as subset:
+        assert {q.dtype for q in subset.params} == {torch.float32}
+        assert hf.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+        w0 = subset.params[0].detach().clone()
+        opt = torch.optim.Adam(subset.params, lr=1e-4)
+        finetune.lm_loss(hf, ids, targets).backward()
+        opt.step()
+        moved = (subset.params[0].detach() - w0).abs().max().item()
+        assert 0 < moved <= 1.01e-4  # an Adam step of 1e-4, kept in float32
+        assert finetune.lm_loss(hf, ids, targets).dtype == torch.float32
+    assert all(v.dtype == before[k].dtype and torch.equal(before[k], v) for k, v in hf.state_dict().items())
+
+
+def test_tail_from_a_cached_prefix_gives_the_full_logits_bit_for_bit(tiny_llama):
+    hf = tiny_llama.bridge.original_model
+    ids = finetune.pad([[5, 6, 7, 8, 9], [10, 11, 12]], 0)
+    with torch.no_grad():
+        full = hf(input_ids=ids).logits
+        for first in range(hf.config.num_hidden_layers + 1):
+            tail = finetune.Tail(hf, first)
+            assert torch.equal(tail.logits(tail.prefix(ids)), full), first
+
+
+def test_memory_formula():
+    # Meta-Llama-3-8B in bf16, the MLPs of two layers trained with Adam: 16 bytes per trained parameter
+    n, t = 8_030_261_248, 2 * 3 * 4096 * 14336
+    mem = finetune.memory_bytes(n, t, 2, "adam")
+    assert mem["device_total"] == (n - t) * 2 + t * 16 and mem["snapshot_cpu"] == 2 * t
+    assert finetune.memory_bytes(n, t, 2, "sgd")["device_total"] == (n - t) * 2 + t * 8
+    assert finetune.mlp_layers(32, [14, -1]) == [14, 31]
+    # the chapter's figure for the default parameters: Meta-Llama-3-8B has 8,030,261,248 parameters
+    assert cp.llama3_8b_memory(cp.Params()) == {"n_params": n, "n_trained": t} | mem
+    assert mem["device_total"] / 2**30 < 20  # GiB, before activations: within a 24 GB GPU
+    with pytest.raises(ValueError):
+        finetune.mlp_layers(32, [31, -1])
 
 
 def test_answer_scores_match_the_scoring_module(tiny_llama):
@@ -112,19 +159,16 @@ def test_committed_result_for_the_default_model():
     assert np.all(np.nanmean(A["train_loss"][:, :, -1], -1) < np.nanmean(A["train_loss"][:, :, 0], -1))
 
 
-def test_a_bf16_model_is_one_error_line_naming_the_dtype_to_use(tmp_path, monkeypatch, capsys):
-    """A local Llama folder now loads in its config's dtype (bf16 for Meta-Llama-3-8B); fine-tuning
-    here needs float32, which `run` says in one `error:` line with exit status 2."""
+def test_a_bf16_llama_folder_runs_through_the_cli(tmp_path, monkeypatch):
+    """A local Llama folder loads in its config's dtype (bf16 for Meta-Llama-3-8B); the trained subset is
+    upcast to float32, and the run stores an entry whose model came back unchanged."""
     from icl import cli, models
 
     folder = models.write_random_llama3(tmp_path / "bf16", dtype="bfloat16")
     monkeypatch.setenv("ICL_CACHE_DIR", str(tmp_path / "cache"))
-    capsys.readouterr()
     code = cli.main(["run", "c2w_pretrained", "--model", str(folder), "--device", "cpu",
                      "--set", "ks=1", "--set", "n_contexts=2", "--set", "n_query=1", "--set", "steps=1",
-                     "--set", "record=1", "--set", "lrs=0.001"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and [line for line in err if line.startswith("error:")] == [err[-1]]
-    assert err[-1] == ("error: c2w_pretrained: fine-tuning here is done in float32, and the model is loaded in "
-                       "bfloat16; run this experiment with --dtype float32")
-    assert not list((tmp_path / "cache").rglob("meta.json"))  # nothing stored
+                     "--set", "record=1", "--set", "lrs=0.001", "--set", "layers=1"])
+    assert code == 0
+    metas = list((tmp_path / "cache").rglob("meta.json"))
+    assert len(metas) == 1 and '"weights_restored": true' in metas[0].read_text()

@@ -93,6 +93,34 @@ def test_every_answer_is_scored_over_all_its_tokens(tok, close_id, name):
             assert tok.decode([enc.ids[t] for t in enc.line_tokens[i]]) == f"({prompt.xs[i]}, {y})\n"
 
 
+@pytest.mark.parametrize("name", ["affine:-1,0", "affine:-2,50"])
+def test_negative_answers_are_scored_over_all_their_tokens(tok, close_id, name):
+    """" -" is one Llama-3 token, so a negative answer starts inside it: the answer is " -", its
+    number token and ")\n", the first scored whole (its space is fixed by the line format). Positive
+    answers of the same task keep the layout of the suite's tasks."""
+    minus = tok(" -", add_special_tokens=False)["input_ids"]
+    assert len(minus) == 1
+    signs = set()
+    for prompt in tasks.make_prompts(name, 6, 8, seed=0):
+        enc = scoring.encode(tok, prompt)
+        for i, y in enumerate(prompt.ys):
+            signs.add(y < 0)
+            got = [enc.ids[t] for t in enc.answer_tokens[i]]
+            assert got == ([minus[0], _number(tok, -y)] if y < 0 else [_number(tok, y)]) + [close_id]
+            assert tok.decode(got) == (" " if y < 0 else "") + f"{y})\n"
+            assert tok.decode([enc.ids[t] for t in enc.line_tokens[i]]) == f"({prompt.xs[i]}, {y})\n"
+    assert signs == ({True} if name == "affine:-1,0" else {True, False})
+
+
+def test_an_answer_inside_a_word_token_is_still_rejected(tok):
+    p = tasks.make_prompts("identity", 1, 3, seed=0)[0]
+    text, off = "hello" + p.text, len("hello")  # "hello" is one Llama-3 token; the span starts at "l"
+    bad = tasks.Prompt(p.task, p.xs, p.ys, text, tuple((a + off, b + off) for a, b in p.line_spans),
+                       ((2, 5),) + tuple((a + off, b + off) for a, b in p.answer_spans[1:]))
+    with pytest.raises(ValueError, match="token boundary"):
+        scoring.encode(tok, bad)
+
+
 @pytest.mark.parametrize("name", SUITE)
 def test_patching_pairs_align_from_the_end_with_a_bos(tok, name):
     """B is BOS + the query line's 4 tokens; A ends with the same 4 tokens; the target is the whole
@@ -145,6 +173,17 @@ def test_scores_sum_the_log_probabilities_of_every_answer_token(real_vocab, tok,
                 assert got.line_nats[r, i] == pytest.approx(line, rel=1e-5)
         # a random model is nearly uniform: two tokens cost about 2 log(vocab), not one
         assert got.answer_nats.mean() == pytest.approx(2 * math.log(models.LLAMA3_VOCAB), abs=1.0)
+    # a negative answer: " -", the number and ")\n", all three scored
+    prompts = [p for p in tasks.make_prompts("affine:-2,50", 6, 4, seed=0) if min(p.ys) < 0 < max(p.ys)][:2]
+    got = scoring.score_examples(bridge, real_vocab.tokenizer, prompts, batch_size=2)
+    assert np.array_equal(got.answer_len, [[3 if y < 0 else 2 for y in p.ys] for p in prompts])
+    for r, p in enumerate(prompts):
+        enc = scoring.encode(tok, p)
+        with torch.no_grad():
+            logp = torch.log_softmax(bridge(torch.tensor([enc.ids]))[0].double(), -1)
+        for i in range(p.k):
+            want = -sum(logp[t - 1, enc.ids[t]].item() for t in enc.answer_tokens[i])
+            assert got.answer_nats[r, i] == pytest.approx(want, rel=1e-5)
 
 
 def test_a_activations_are_read_at_the_query_positions(real_vocab, tok):
@@ -174,7 +213,7 @@ TOY = {
     "induction_heads": {"n_seqs": "3", "half": "10", "tasks": "identity,random", "n_prompts": "2", "k": "3",
                         "n_boot": "20"},
     "c2w_pretrained": {"ks": "1,2", "lrs": "0.001", "steps": "2", "record": "1,2", "n_contexts": "2",
-                       "n_query": "2"},
+                       "n_query": "2", "layers": "1"},
 }
 
 

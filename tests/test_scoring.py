@@ -52,6 +52,33 @@ def test_encode_covers_whole_answer_with_smollm2_tokenizer(smol):
         assert len(toks) == len(str(y)) + 1  # one token per digit, plus ")"
 
 
+@pytest.mark.slow
+def test_negative_answers_are_scored_over_all_their_tokens_with_smollm2(smol):
+    """" -" is one SmolLM2 token: a negative answer is scored from that token on (its space included,
+    which the line format fixes), then one token per digit and ")"; positive answers are unchanged."""
+    tok = smol.tokenizer
+    minus = tok(" -", add_special_tokens=False)["input_ids"]
+    assert len(minus) == 1
+    signs = set()
+    for p in tasks.make_prompts("affine:-2,50", 4, 8, seed=0):
+        enc = encode(tok, p)
+        for y, toks in zip(p.ys, enc.answer_tokens):
+            signs.add(y < 0)
+            if y < 0:
+                assert enc.ids[toks[0]] == minus[0] and tok.decode([enc.ids[t] for t in toks]) == f" {y})"
+                assert len(toks) == 1 + len(str(-y)) + 1
+            else:
+                assert tok.decode([enc.ids[t] for t in toks]) == f"{y})" and len(toks) == len(str(y)) + 1
+    assert signs == {True, False}
+
+
+def test_negative_answers_cost_log_vocab_per_token_with_the_byte_tokenizer(byte_tok):
+    prompts = tasks.make_prompts("affine:-1,0", 2, 5, seed=0)
+    s = score_examples(UniformBridge(len(byte_tok)), byte_tok, prompts, batch_size=2)
+    assert np.array_equal(s.answer_len, [[len(f"{y})") for y in p.ys] for p in prompts])  # "-", digits, ")"
+    assert np.allclose(s.answer_nats, s.answer_len * math.log(len(byte_tok)), atol=1e-4)
+
+
 def test_uniform_model_costs_log_vocab_per_answer_token(byte_tok):
     prompts = tasks.make_prompts("plus-10", 3, 5, seed=0)
     vocab = len(byte_tok)

@@ -13,8 +13,11 @@ task. ``exp(-S_i)`` is the probability the model gives the whole correct answer,
 
 Answers are located by character offsets, so whatever the tokenizer does (one token per digit for
 SmolLM2; up to three digits per token for Llama-3) the whole answer is scored. An answer must begin on
-a token boundary; its last token may run past the closing parenthesis (``")\n"`` is one token for some
-tokenizers), in which case that token is scored whole.
+a token boundary, or inside a token whose part before the answer is whitespace only: a negative
+answer's ``"-"`` is fused with the space before it (``" -"`` is one token for SmolLM2 and for
+Llama-3), and that token is scored whole, space included; the space is fixed by the line format, so
+this costs the model next to nothing. Its last token may likewise run past the closing parenthesis
+(``")\n"`` is one token for some tokenizers), in which case that token is scored whole.
 
 Prompts are right-padded into batches. Padding never changes the scores of real tokens: attention is
 causal and real tokens come first.
@@ -49,7 +52,8 @@ def encode(tokenizer, prompt: Prompt) -> EncodedPrompt:
     answers, lines = [], []
     for (a0, a1), (l0, l1) in zip(prompt.answer_spans, prompt.line_spans):
         toks = _tokens_in(offsets, a0, a1)
-        if not toks or offsets[toks[0]][0] != a0:
+        lead = prompt.text[offsets[toks[0]][0] : a0] if toks else "x"
+        if not toks or (lead and not lead.isspace()):  # " -": a space fused with a minus sign is fine
             raise ValueError(f"answer {prompt.text[a0:a1]!r} does not start on a token boundary")
         if toks[0] == 0:
             raise ValueError("an answer cannot be the first token of a prompt")

@@ -7,11 +7,20 @@ queries. For every context and query we compare
 
 * the in-context prediction: the model reads the ``k`` lines and then ``"(x, "``;
 * the prediction after fine-tuning: the Hugging Face model under the bridge takes ``n`` optimizer steps
-  (Adam or plain SGD, all parameters, fp32) on the language-model loss of the ``k`` context lines, each
-  fed as its own sequence (``loss="line"``: every token after the first; ``"answer"``: the answer
-  only), and then reads ``"(x, "`` alone. Its weights are restored before the next run and at the end
-  (:func:`icl.finetune.restoring`), and the no-context scores are recomputed afterwards to check that
-  the shared model is unchanged.
+  (Adam or plain SGD) on the language-model loss of the ``k`` context lines, each fed as its own
+  sequence (``loss="line"``: every token after the first; ``"answer"``: the answer only), and then
+  reads ``"(x, "`` alone. Only the MLPs of ``layers`` (default: layers 14 and 15, the middle of
+  SmolLM2's 30 and of Meta-Llama-3-8B's 32) are trained, in float32 whatever the model's dtype
+  (:class:`icl.finetune.Subset`); the device memory is then the frozen weights plus 16 bytes per
+  trained parameter with Adam (:func:`icl.finetune.memory_bytes`, :func:`llama3_8b_memory`), and the
+  layers below the band run once per batch (:class:`icl.finetune.Tail`). The subset is restored from a
+  CPU snapshot before the next run and at the end, and compared with it bit for bit (``torch.equal``)
+  to check that the shared model is unchanged.
+
+What the restriction means for the question: whatever a fine-tuned band of MLPs reproduces, full
+fine-tuning can reproduce as well (it may leave the other weights alone), so the fine-tuned predictions
+here are one point inside what a weight update can do, and a gap measured here is an upper bound on
+the gap of the best full update with the same optimizer and schedule.
 
 Measured on the query's answer (digits and ``")"``): the probability of the whole correct answer
 (teacher-forced), whether greedy decoding writes it, and the KL divergence over the answer's first token
@@ -36,7 +45,7 @@ from icl.errors import ConfigError
 from icl.experiments import TASKS, between, each_float, each_int, one_of
 
 NAME = "c2w_pretrained"
-VERSION = 1
+VERSION = 2
 CHAPTER = "report/08-contexts-to-weights.qmd"
 USES_MODEL = True
 DESCRIPTION = "pretrained model: in-context prediction vs fine-tuning on the context lines (Q1)"
@@ -48,13 +57,14 @@ class Params:
     seed: int = 0
     task: str = "plus-1"
     ks: tuple[str, ...] = ("2", "5")
-    lrs: tuple[str, ...] = ("1e-05", "3e-05", "0.0001")
+    lrs: tuple[str, ...] = ("0.0001", "0.0003", "0.001")
     optimizer: str = "adam"
     steps: int = 10
     record: tuple[str, ...] = ("1", "2", "3", "5", "10")
     n_contexts: int = 6
     n_query: int = 12
     loss: str = "line"
+    layers: tuple[str, ...] = ("14", "15")  # the MLPs of these layers are trained (negative: from the end)
 
     def validate(self) -> None:
         task = tasks.get_task(self.task)
@@ -72,11 +82,28 @@ class Params:
         if self.loss not in ("line", "answer"):
             raise ValueError("loss must be 'line' (every token after the first) or 'answer'")
         [float(x) for x in self.lrs]
+        if not self.layers or len(set(int(i) for i in self.layers)) != len(self.layers):
+            raise ValueError("layers must name at least one layer, each once")
 
 
 LIMITS = {"task": TASKS, "ks": each_int(1, 90), "lrs": each_float(1e-8, 1.0), "optimizer": one_of("adam", "sgd"),
           "steps": between(1, 1000), "record": each_int(1, 1000), "n_contexts": between(2, 100),
-          "n_query": between(1, 90), "loss": one_of("line", "answer")}
+          "n_query": between(1, 90), "loss": one_of("line", "answer"),
+          "layers": each_int(-200, 199)}
+
+
+def llama3_8b_memory(p: Params) -> dict[str, int]:
+    """Device bytes of this experiment's fine-tuning on Meta-Llama-3-8B in bf16, before activations
+    (parameter counts from the published shape, :data:`icl.models.LLAMA3_SHAPES`)."""
+    from icl.models import LLAMA3_SHAPES
+
+    s = LLAMA3_SHAPES["8b"]
+    d, f, n_l, v = int(s["hidden_size"]), int(s["intermediate_size"]), int(s["num_hidden_layers"]), int(s["vocab_size"])
+    kv = d * int(s["num_key_value_heads"]) // int(s["num_attention_heads"])
+    per_layer = d * (2 * d + 2 * kv) + 3 * d * f + 2 * d  # attention, MLP, two RMSNorms
+    n_params = 2 * v * d + n_l * per_layer + d  # untied embedding and unembedding, final norm
+    n_trained = len(ft.mlp_layers(n_l, [int(i) for i in p.layers])) * 3 * d * f
+    return {"n_params": n_params, "n_trained": n_trained} | ft.memory_bytes(n_params, n_trained, 2, p.optimizer)
 
 
 def prompts_for(p: Params) -> list[tasks.Prompt]:
@@ -104,9 +131,6 @@ def example_prompt(task: str, xs: list[int], ys: list[int]) -> tasks.Prompt:
 
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
-    if model.dtype != "float32":
-        raise ConfigError(f"{NAME}: fine-tuning here is done in float32, and the model is loaded in "
-                          f"{model.dtype}; run this experiment with --dtype float32")
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
@@ -122,6 +146,11 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
     ks, lrs, record = [int(k) for k in p.ks], [float(x) for x in p.lrs], [int(n) for n in p.record]
     K, C, m = max(ks), p.n_contexts, p.n_query
     prompts = prompts_for(p)
+    try:
+        layers = ft.mlp_layers(hf.config.num_hidden_layers, [int(i) for i in p.layers])
+    except ValueError as exc:
+        raise ConfigError(f"{NAME}: {exc}; choose them with --set layers=...") from exc
+    tail = ft.Tail(hf, layers[0])
 
     def query_seqs(c: int, k: int) -> tuple[list[list[int]], list[tuple[int, ...]]]:
         """Context c's first k lines (k may be 0) followed by each query line: ids and answer tokens."""
@@ -165,17 +194,20 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
     start = time.perf_counter()
     runs = [(a, b, c) for a in range(nK) for b in range(nL) for c in range(C)]
     loss_slot = {0: 0} | {n: r + 1 for r, n in enumerate(record)}
-    with ft.restoring(hf) as snapshot:
-        for p_ in hf.parameters():
-            p_.requires_grad_(True)
+    # below the first trained layer nothing changes: its output is computed once per batch
+    queries = [query_seqs(c, 0) for c in range(C)]
+    query_hidden = [tail.prefix(ft.pad(seqs, pad_id)) for seqs, _ in queries]
+    batches = {(c, k): train_batch(c, k) for c in range(C) for k in ks}
+    batch_hidden = {ck: tail.prefix(ids) for ck, (ids, _) in batches.items()}
+    with ft.Subset(hf, layers) as subset:
         for a, b, c in tqdm(runs, desc=NAME, disable=not progress, leave=False):
-            ft.restore(hf, snapshot)
-            ids, targets = train_batch(c, ks[a])
-            seqs, answers = query_seqs(c, 0)
-            opt = (torch.optim.Adam(hf.parameters(), lr=lrs[b]) if p.optimizer == "adam"
-                   else torch.optim.SGD(hf.parameters(), lr=lrs[b]))
+            subset.restore()
+            (ids, targets), hidden = batches[c, ks[a]], batch_hidden[c, ks[a]]
+            seqs, answers = queries[c]
+            opt = (torch.optim.Adam(subset.params, lr=lrs[b]) if p.optimizer == "adam"
+                   else torch.optim.SGD(subset.params, lr=lrs[b]))
             for step in range(1, p.steps + 1):
-                loss = ft.lm_loss(hf, ids, targets)
+                loss = ft.loss_from_logits(tail.logits(hidden), ids, targets)
                 if step - 1 in loss_slot:  # the loss after step - 1 updates
                     train_loss[a, b, loss_slot[step - 1], c] = loss.item()
                 opt.zero_grad(set_to_none=True)
@@ -183,21 +215,21 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
                 opt.step()
                 if step in record:
                     r = record.index(step)
-                    if step == p.steps:
-                        with torch.no_grad():
-                            train_loss[a, b, r + 1, c] = ft.lm_loss(hf, ids, targets).item()
-                    s = ft.score_answers(hf, seqs, answers, pad_id)
+                    with torch.no_grad():
+                        if step == p.steps:
+                            train_loss[a, b, r + 1, c] = ft.loss_from_logits(tail.logits(hidden), ids, targets).item()
+                        s = ft.scores_from_logits(tail.logits(query_hidden[c]), seqs, answers)
                     ft_logp[a, b, r, c] = s.logp.numpy()
                     ft_exact[a, b, r, c] = s.exact.numpy()
                     gap[a, b, r, c] = ft.kl(icl[a][c].first, s.first).numpy()
                     ft_base[a, b, r, c] = ft.kl(s.first, base[c].first).numpy()
             del opt
+        n_trained = subset.n_trained
     finetune_seconds = time.perf_counter() - start
     timing.record("finetune_seconds", finetune_seconds)
     timing.record("seconds_per_step", finetune_seconds / (len(runs) * p.steps))
-    # the shared model must be exactly as it was: recompute the no-context scores and compare
-    after = [ft.score_answers(hf, *query_seqs(c, 0), pad_id) for c in range(C)]
-    unchanged = all(torch.equal(x.first, y.first) and torch.equal(x.logp, y.logp) for x, y in zip(base, after))
+    # the shared model must be exactly as it was: the trained subset equals its snapshot, bit for bit
+    unchanged = subset.unchanged() and all(q.grad is None for q in subset.params)
     if not unchanged:
         raise RuntimeError("the model's weights were not restored after fine-tuning")
 
@@ -235,6 +267,9 @@ def _compute(p: Params, loaded: Any, progress: bool) -> tuple[dict[str, np.ndarr
         "task": p.task,
         "rule": tasks.get_task(p.task).rule,
         "n_params": int(sum(q.numel() for q in hf.parameters())),
+        "n_layers": int(hf.config.num_hidden_layers),
+        "trained_layers": layers,
+        "n_trained": int(n_trained),
         "weights_restored": unchanged,
         "best": best,
         "threads": THREADS,
