@@ -152,6 +152,9 @@ def last_position_ablation(stack: LlamaStack, tokenizer, pairs: PatchPairs, mean
     return out
 
 
+READOUT_ROWS = 256  # rows of vocabulary-sized logits held at once by the ablation readout
+
+
 def _answer_position_restarts(stack: LlamaStack, cache: dict[str, torch.Tensor], mean_z: torch.Tensor,
                               target: torch.Tensor) -> np.ndarray:
     """Every (layer, mode, head) ablation of one batch of prompts at their answer positions, as one
@@ -199,8 +202,12 @@ def _answer_position_restarts(stack: LlamaStack, cache: dict[str, torch.Tensor],
         z[:, M - 2 * H:][:, mode_head, mode_head % H] = repl  # the rows that joined at this layer
         x = x + torch.nn.functional.linear(z.reshape(R, M, H * dh), w.W_o)
         x = x + stack.mlp(layer, x)
-    logp = torch.log_softmax(stack.logits(x).float(), -1)  # [R, L * 2H, vocab]
-    lp = logp.gather(-1, target.to(dev)[:, None, None].expand(R, L * 2 * H, 1))[..., 0]
+    # The readout, a few hundred rows at a time: all rows at once would hold R * L * 2H rows of
+    # vocabulary-sized logits (at Meta-Llama-3-8B's shape, 8 prompts: about 12 GB in float32).
+    rows = x.reshape(R * x.shape[1], -1)
+    tgt = target.to(dev).repeat_interleave(x.shape[1])
+    lp = torch.cat([torch.log_softmax(stack.logits(rows[i:i + READOUT_ROWS]).float(), -1)
+                    .gather(-1, tgt[i:i + READOUT_ROWS, None])[:, 0] for i in range(0, len(rows), READOUT_ROWS)])
     return lp.view(R, L, 2, H).cpu().numpy()
 
 

@@ -36,8 +36,8 @@ from icl.runner import LlamaStack
 from icl.stats import benjamini_hochberg, bootstrap_mean_ci, first_at_least
 
 NAME = "ablation"
-VERSION = 4  # 3: one clean pass per task, step 0 read from patching; 4: BH per-head tests, random-layer
-# controls, bootstrap distribution of the first working layer
+VERSION = 5  # 3: one clean pass per task, step 0 read from patching; 4: BH per-head tests, random-layer
+# controls, bootstrap distribution of the first working layer; 5: the readout in chunks of rows (memory)
 CHAPTER = "report/05-ablation.qmd"
 USES_MODEL = True
 DESCRIPTION = "zero/mean ablation of every head at the answer position; ablate, re-patch, backup heads"
