@@ -47,3 +47,24 @@ def first_at_least(values: np.ndarray, threshold: float) -> int | None:
     "first layer where X works" of the logit-lens, patching and ablation chapters."""
     hits = np.nonzero(np.asarray(values) >= threshold)[0]
     return int(hits[0]) if len(hits) else None
+
+
+def benjamini_hochberg(p_values: np.ndarray, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Benjamini–Hochberg control of the false discovery rate at ``q`` over a family of tests.
+
+    ``p_values`` of any shape. Returns (rejected, adjusted): a bool array, True where the null is
+    rejected, and the BH-adjusted p-values (``min_{j >= i} p_(j) m / j``, capped at 1), both of the
+    input's shape. A test is rejected exactly when its adjusted p-value is at most ``q``."""
+    p = np.asarray(p_values, dtype=np.float64)
+    flat = p.ravel()
+    m = flat.size
+    if m == 0:
+        return np.zeros(p.shape, dtype=bool), p.copy()
+    if np.any(~np.isfinite(flat)) or np.any(flat < 0) or np.any(flat > 1):
+        raise ValueError("p-values must be finite and in [0, 1]")
+    order = np.argsort(flat, kind="stable")
+    scaled = flat[order] * m / np.arange(1, m + 1)
+    adjusted_sorted = np.minimum.accumulate(scaled[::-1])[::-1].clip(max=1.0)
+    adjusted = np.empty(m)
+    adjusted[order] = adjusted_sorted
+    return (adjusted <= q).reshape(p.shape), adjusted.reshape(p.shape)

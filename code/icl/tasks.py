@@ -172,3 +172,37 @@ def suite_digest(prompts_by_task: dict[str, list[Prompt]]) -> str:
     for name, prompts in prompts_by_task.items():
         h.update(f"{name}:{get_task(name)}:{prompts_digest(prompts)}".encode())
     return h.hexdigest()
+
+
+def prompt_from(task: str, xs: tuple[int, ...] | list[int], ys: tuple[int, ...] | list[int]) -> Prompt:
+    """The prompt with examples ``(xs[i], ys[i])`` in order, in the suite's line format, whatever rule (or
+    none) links them: a zero-shot query is ``prompt_from(task, [x], [y])``, a shuffled-label prompt
+    is one whose ``ys`` were permuted."""
+    if len(xs) != len(ys) or not len(xs):
+        raise ValueError("need as many answers as inputs, and at least one example")
+    text, lines, answers = "", [], []
+    for x, y in zip(xs, ys):
+        line, offset = format_example(int(x), int(y))
+        start = len(text)
+        lines.append((start, start + len(line)))
+        answers.append((start + offset, start + len(line) - 1))
+        text += line
+    return Prompt(task, tuple(int(x) for x in xs), tuple(int(y) for y in ys), text, tuple(lines), tuple(answers))
+
+
+def shuffle_answers(prompts: list[Prompt], seed: int, keep_last: bool = False, name: str | None = None) -> list[Prompt]:
+    """The same prompts with each prompt's answers permuted among its examples (a seeded stream per
+    call): inputs and the set of answers stay, the rule linking them goes. ``keep_last`` keeps the
+    last example (the query) right, so only the demonstrations are corrupted (Todd et al.'s
+    shuffled-label prompts); ``name`` renames the task of the result."""
+    rng = np.random.default_rng(_stream_seed(seed, "shuffle:" + (name or prompts[0].task if prompts else "")))
+    out = []
+    for p in prompts:
+        m = p.k - 1 if keep_last else p.k
+        order = rng.permutation(m) if m > 1 else np.arange(m)
+        if m > 1:
+            while (order == np.arange(m)).any():  # a derangement: no answer stays with its own x
+                order = rng.permutation(m)
+        ys = [p.ys[i] for i in order] + ([p.ys[-1]] if keep_last else [])
+        out.append(prompt_from(name or p.task, p.xs, ys))
+    return out
