@@ -24,6 +24,7 @@ def test_shapes_and_summary(result, tiny_llama):
         assert arrays[f"{name}.sweep.logp"].shape == (4, 6)
         assert arrays[f"{name}.sweep.number_mass.mean"].shape == (L + 1, 3)
         assert arrays[f"{name}.parts.head.mean"].shape == (data["tv_layer"], H, 6)
+        assert arrays[f"{name}.to_own_x"].shape == (L, H) and np.all((arrays[f"{name}.to_own_x"] >= 0) & (arrays[f"{name}.to_own_x"] <= 1 + 1e-6))
         assert set(data["growth"][name]) >= {"projection", "log_odds"}
         assert data["tasks"][name]["cross"]["recipient"] != name
     assert arrays["shuffled.tv_gain.mean"].shape == (L,)

@@ -103,3 +103,22 @@ def test_map_heads_and_matched_random():
     heads = [(3, 1), (3, 2), (5, 0)]
     rand = matched_random(heads, 4, rng)
     assert [layer for layer, _ in rand] == [3, 3, 5] and not set(rand) & set(heads) and len(set(rand)) == 3
+
+
+def test_attention_from_matches_the_bridge_pattern(setup):
+    model, stack, pb, _ = setup
+    rows = list(range(pb.n))
+    ids = taskvec.padded(pb, rows)
+    preds = pb.preds()
+    tr = stack.forward(ids, keep=preds, keep_kv=True)
+    got = {}
+
+    def grab(pattern, hook):
+        got[hook.name] = pattern.detach()
+
+    model.bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", grab) for layer in range(2)])
+    for layer in range(2):
+        ours = taskvec.attention_from(stack, layer, tr.resid_pre[layer], preds, tr.k[layer])  # [R, H, K, T]
+        ref = got[f"blocks.{layer}.attn.hook_pattern"]  # [R, H, T, T]
+        idx = preds[:, None, :, None].expand(-1, ref.shape[1], -1, ref.shape[-1])
+        assert torch.allclose(ours, torch.gather(ref, 2, idx).float(), atol=1e-5)

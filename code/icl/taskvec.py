@@ -276,3 +276,23 @@ def map_heads(named: Sequence[str], from_layers: int, from_heads: int, n_layers:
         if mapped not in out:
             out.append(mapped)
     return out
+
+
+@torch.inference_mode()
+def attention_from(stack: LlamaStack, layer: int, resid: torch.Tensor, pos: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Attention pattern of every query head of ``layer`` from chosen positions: ``resid`` ``[R, m,
+    d_model]`` is the residual stream entering the block at positions ``pos`` ``[R, m]``, ``k`` ``[R, n_kv,
+    T, d_head]`` the layer's rotated keys at all positions (:class:`icl.runner.Trace`). Returns ``[R,
+    n_heads, m, T]`` (rows sum to one over keys ``<=`` each position)."""
+    w = stack.layers[layer]
+    R, m, _ = resid.shape
+    h = stack.rms(resid.to(stack.device), w.ln1)
+    q = torch.nn.functional.linear(h, w.W_q).view(R, m, stack.n_heads, stack.d_head).transpose(1, 2)
+    cos, sin = stack.rotary(pos.to(stack.device))
+    q = stack._rope(q, cos, sin)
+    k_rep = k.repeat_interleave(stack.n_rep, dim=1)  # query head h reads kv head h // n_rep
+    scores = torch.matmul(q, k_rep.transpose(2, 3)) * stack.scaling  # [R, H, m, T]
+    T = k.shape[2]
+    allowed = torch.arange(T, device=stack.device)[None, None, None] <= pos.to(stack.device)[:, None, :, None]
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores.float(), dim=-1)

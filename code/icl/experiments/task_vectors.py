@@ -15,7 +15,9 @@ the mass on number tokens, on the tasks plus-1, plus-10, identity, double and a 
    each layer is the task's vector minus the control's, normalised; the projection of the residual on
    it, and the whole-answer log-odds, are fitted by a line and by a saturating exponential
    (:mod:`icl.growth`). At the task-vector layer the projection is split into the embedding, every
-   earlier MLP and every earlier head (``z_h W_O^h``), each as a curve over k.
+   earlier MLP and every earlier head (``z_h W_O^h``), each as a curve over k. The same pass records,
+   per head, the attention from each answer's prediction position to the x of its own line (the
+   post's "x-to-y" head).
 3. Unit-digit probes. Ridge probes (:mod:`icl.probes`) for the answer's last digit, ``y mod 2``,
    ``y mod 5`` and, as a reference, the query's own last digit ``x mod 10``, from the residual stream at
    the prediction positions with at least ``probe_min_k`` earlier examples, on the additive tasks
@@ -42,6 +44,7 @@ from icl import growth, probes, tasks, taskvec
 from icl.experiments import TASKS, between, each_int, reporter
 from icl.lens import number_token_mask
 from icl.runner import LlamaStack
+from icl.scoring import encode
 from icl.stats import bootstrap_mean_ci
 
 NAME = "task_vectors"
@@ -143,6 +146,15 @@ def content_digest(params: Params) -> str:
 def _store_ci(arrays: dict[str, np.ndarray], key: str, values: np.ndarray, n_boot: int, seed: int) -> None:
     m, lo, hi = bootstrap_mean_ci(values, n_boot=n_boot, seed=seed)
     arrays[f"{key}.mean"], arrays[f"{key}.lo"], arrays[f"{key}.hi"] = m, lo, hi
+
+
+def own_x_tokens(tokenizer, prompt: tasks.Prompt) -> list[list[int]]:
+    """Per example, the token positions of its own x (the digits of the line before the answer)."""
+    enc = encode(tokenizer, prompt)
+    out = []
+    for line, ans in zip(enc.line_tokens, enc.answer_tokens):
+        out.append([t for t in line if t < ans[0] and tokenizer.decode([enc.ids[t]]).strip().isdigit()])
+    return out
 
 
 def log_odds(logp: np.ndarray) -> np.ndarray:
@@ -255,12 +267,21 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
         parts_embed = np.zeros((n, K))
         logp = np.zeros((n, K))
         mass = np.zeros((n, L + 1, len(lens_ks)))
+        to_own_x = np.zeros((n, L, H))  # attention from y's prediction position to the same line's x
+        x_tokens = [own_x_tokens(tok, p) for p in suite[name]["sweep"]]
         own_dir = dirs[name] if name in dirs else None
         for start in range(0, n, bs):
             rows = list(range(start, min(n, start + bs)))
             R = len(rows)
             pos, tgt, valid = taskvec.answer_index(pb, rows, list(range(K)))
-            tr = stack.forward(taskvec.padded(pb, rows), keep=preds[rows], logit_pos=pos.reshape(R, -1), keep_kv=False)
+            tr = stack.forward(taskvec.padded(pb, rows), keep=preds[rows], logit_pos=pos.reshape(R, -1), keep_kv=True)
+            x_mask = torch.zeros(R, K, tr.k.shape[3])
+            for r, i in enumerate(rows):
+                for j in range(1, K):  # examples with at least one before them
+                    x_mask[r, j, x_tokens[i][j]] = 1.0
+            for layer in range(L):
+                pat = taskvec.attention_from(stack, layer, tr.resid_pre[layer], preds[rows], tr.k[layer])
+                to_own_x[rows, layer] = (pat * x_mask[:, None].to(pat.device)).sum(-1)[..., 1:].mean(-1).cpu().numpy()
             lp = torch.log_softmax(tr.logits.float(), -1).reshape(*tgt.shape, -1)
             got = lp.gather(-1, tgt.to(lp.device)[..., None])[..., 0]
             logp[rows] = (got * valid.to(got.device)).double().sum(-1).cpu().numpy()
@@ -285,6 +306,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
                 probe_y.append(np.stack([ys % 10, ys % 2, ys % 5, xs % 10], 1))
                 probe_g.append(np.repeat(np.array(rows) + 10_000 * names.index(name), len(sel)))
         arrays[f"{name}.sweep.logp"] = logp.astype(np.float32)
+        arrays[f"{name}.to_own_x"] = to_own_x.mean(0)  # [L, H]
         _store_ci(arrays, f"{name}.sweep.logp", logp, params.n_boot, params.seed)
         _store_ci(arrays, f"{name}.sweep.number_mass", mass, params.n_boot, params.seed)
         g: dict[str, Any] = {}
