@@ -6,7 +6,7 @@ import pytest
 from icl import experiments
 from icl.experiments import function_vectors as exp
 
-SMALL = {"tasks": "plus-1,double", "k": "3", "n_clean": "3", "n_corrupt": "3", "n_eval": "3", "n_top": "3",
+SMALL = {"tasks": "plus-1,double", "k": "3", "n_clean": "3", "n_corrupt": "3", "n_top": "3",
          "n_random": "2", "k_ablate": "3", "n_ablate": "3", "n_boot": "40"}
 
 
@@ -24,6 +24,8 @@ def test_runs_and_ranks_every_head(tiny_llama):
         assert len(data["fv"][name]["random_gain_at_fv_layer"]) == 2
         assert arrays[f"{name}.ablate.none.number_mass"].shape == (4,)
         assert set(data["ablate"][name]) >= {"fv_heads", "named_heads", "random_fv.0", "random_named.1"}
+    with pytest.raises(Exception):
+        experiments.make_params(exp, {"ablate_tasks": "double-plus-3"})
     # the tiny model has 3 layers: the post's llama-3-8b heads map into them by relative depth
     assert data["named_heads_mapped"] and all(0 <= layer < L for layer, _ in data["named_heads"])
 

@@ -6,8 +6,8 @@ import pytest
 from icl import experiments
 from icl.experiments import task_vectors as exp
 
-SMALL = {"n_extract": "4", "n_eval": "4", "k": "3", "k_sweep": "5", "n_sweep": "4", "n_cross": "3",
-         "k_cross": "2", "probe_min_k": "2", "lens_ks": "0,1,5", "n_boot": "40", "n_folds": "2"}
+SMALL = {"n_prompts": "4", "k": "3", "k_sweep": "5", "n_sweep": "4", "n_cross": "3",
+         "k_cross": "2", "probe_min_k": "2", "lens_ks": "0,1,5", "lens_every": "2", "n_boot": "40", "n_folds": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,8 @@ def test_shapes_and_summary(result, tiny_llama):
         assert arrays[f"{name}.recovered.mean"].shape == (L,)
         assert arrays[f"{name}.logp_tv"].shape == (4, L)
         assert arrays[f"{name}.sweep.logp"].shape == (4, 6)
-        assert arrays[f"{name}.sweep.number_mass.mean"].shape == (L + 1, 3)
+        assert arrays[f"{name}.sweep.number_mass.mean"].shape == (len(data["lens_layers"]), 3)
+        assert data["lens_layers"][-1] == L
         assert arrays[f"{name}.parts.head.mean"].shape == (data["tv_layer"], H, 6)
         assert arrays[f"{name}.to_own_x"].shape == (L, H) and np.all((arrays[f"{name}.to_own_x"] >= 0) & (arrays[f"{name}.to_own_x"] <= 1 + 1e-6))
         assert set(data["growth"][name]) >= {"projection", "log_odds"}
@@ -48,10 +49,10 @@ def test_prompts_and_parameters():
     params = exp.Params()
     suite = exp.prompts_for(params)
     assert set(suite) == {"plus-1", "plus-10", "identity", "double", "shuffled"}
-    ctrl = suite["shuffled"]["extract"][0]
+    ctrl = suite["shuffled"]["kshot"][0]
     assert any(y != x + 1 for x, y in zip(ctrl.xs, ctrl.ys))
     assert all(len(p.xs) == 1 for p in suite["plus-1"]["zero"])
-    assert [p.xs[-1] for p in suite["plus-1"]["zero"]] == [p.xs[-1] for p in suite["plus-1"]["eval"]]
+    assert [p.xs[-1] for p in suite["plus-1"]["zero"]] == [p.xs[-1] for p in suite["plus-1"]["kshot"]]
     assert suite["plus-1"]["sweep"][0].k == params.k_sweep + 1
     with pytest.raises(Exception):
         experiments.make_params(exp, {"lens_ks": "0,30"})

@@ -67,6 +67,21 @@ def test_a_planted_task_vector_is_recovered_at_its_layer(setup):
         assert np.all(lo <= m + 1e-9) and np.all(m <= hi + 1e-9)
 
 
+def test_the_restart_sweep_equals_full_edited_passes(setup):
+    _, stack, pb, _ = setup
+    torch.manual_seed(1)
+    vectors = torch.randn(stack.n_layers, pb.n, stack.d_model)
+    for mode in ("replace", "add"):
+        fast = taskvec.layer_sweep(stack, pb, vectors, mode=mode, batch_size=4)
+        for layer in range(stack.n_layers):
+            slow = np.concatenate([taskvec.answer_logp(stack, taskvec.PromptBatch(pb.ids[i:i + 1], pb.answers[i:i + 1], pb.pad),
+                                                       edit_layer=layer, vector=vectors[layer, i], mode=mode)[:, 0]
+                                   for i in range(pb.n)])
+            assert np.allclose(fast[:, layer], slow, atol=1e-4)
+    runs = taskvec.suffix_runs(stack, pb, 4)
+    assert np.allclose(np.concatenate([r.base for r in runs]), taskvec.answer_logp(stack, pb)[:, 0], atol=1e-5)
+
+
 def test_head_patches_by_restart(setup):
     _, stack, pb, _ = setup
     one = taskvec.PromptBatch(pb.ids[:1], pb.answers[:1], pb.pad)

@@ -219,15 +219,89 @@ def recovered_fraction(patched: np.ndarray, high: np.ndarray, low: np.ndarray, n
     return frac(np.arange(n)), lo, hi
 
 
+@dataclass
+class SuffixRun:
+    """One unedited pass over a batch of prompts, kept for restarts over the *suffix* of each prompt:
+    its query position and the positions that read the query's answer tokens (``S`` of them). An edit
+    at the query position at layer ``l`` changes nothing before it, so the edited pass is a restart of
+    layers ``>= l`` over the suffix, attending to the kept keys and values of the prefix."""
+
+    rows: list[int]
+    q: torch.Tensor  # [R] query position
+    resid: torch.Tensor  # [n_layers + 1, R, S, d_model] residual entering each block (last: final) at the suffix
+    z: torch.Tensor  # [n_layers, R, S, n_heads, d_head]
+    k: torch.Tensor  # [n_layers, R, n_kv, P, d_head] rotated keys of the prefix (positions < max q)
+    v: torch.Tensor  # [n_layers, R, n_kv, P, d_head]
+    prefix_valid: torch.Tensor  # [R, P] key j < q[r]
+    tgt: torch.Tensor  # [R, 1, S] answer tokens
+    valid: torch.Tensor  # [R, 1, S]
+    base: np.ndarray  # [R] whole-answer log-probability of the unedited pass
+
+
+@torch.inference_mode()
+def suffix_runs(stack: LlamaStack, pb: PromptBatch, batch_size: int = 8) -> list[SuffixRun]:
+    """Unedited passes over ``pb`` in batches, each kept as a :class:`SuffixRun` for the last example."""
+    out = []
+    for start in range(0, pb.n, batch_size):
+        rows = list(range(start, min(pb.n, start + batch_size)))
+        R = len(rows)
+        pos, tgt, valid = answer_index(pb, rows, [pb.k - 1])  # [R, 1, S]
+        S = pos.shape[-1]
+        q = pb.pred()[rows]
+        suffix = q[:, None] + torch.arange(S)[None]  # reading position of answer token s is q + s
+        width = int(suffix.max()) + 1
+        ids = torch.full((R, width), pb.pad, dtype=torch.long)
+        for r, i in enumerate(rows):
+            n_ids = min(width, len(pb.ids[i]))
+            ids[r, :n_ids] = torch.tensor(pb.ids[i][:n_ids])
+        tr = stack.forward(ids, keep=suffix, logit_pos=suffix[:, :1], keep_kv=True)
+        P = int(q.max())
+        base = whole_answer_logp(stack, tr.resid_pre[stack.n_layers][:, None], tgt, valid)[:, 0].numpy()
+        out.append(SuffixRun(rows, q, tr.resid_pre, tr.z, tr.k[:, :, :, :P], tr.v[:, :, :, :P],
+                             torch.arange(P)[None] < q[:, None], tgt, valid, base))
+    return out
+
+
+@torch.inference_mode()
+def restart(stack: LlamaStack, run: SuffixRun, layer: int, resid: torch.Tensor, index: torch.Tensor,
+            z_edit: ZEdit | None = None) -> np.ndarray:
+    """Whole-answer log-probability after restarting block ``layer`` over the suffix from ``resid``
+    ``[R', S, d_model]``; row ``j`` attends to the prefix of the run's row ``index[j]``. Returns ``[R']``."""
+    kc = {l: run.k[l][index] for l in range(layer, stack.n_layers)}
+    vc = {l: run.v[l][index] for l in range(layer, stack.n_layers)}
+    final = run_from(stack, layer, resid, run.q[index], kc, vc, run.prefix_valid[index], z_edit)
+    return whole_answer_logp(stack, final[:, None], run.tgt[index], run.valid[index])[:, 0].numpy()
+
+
+@torch.inference_mode()
 def layer_sweep(stack: LlamaStack, pb: PromptBatch, vectors: torch.Tensor, mode: str = "replace",
-                batch_size: int = 32, layers: Sequence[int] | None = None) -> np.ndarray:
+                batch_size: int = 8, layers: Sequence[int] | None = None,
+                runs: list[SuffixRun] | None = None) -> np.ndarray:
     """Whole-answer log-probability of each prompt's last answer ``[n, len(layers)]`` with ``vectors[l]``
-    (``[n_layers, d_model]``) written over (or added to) the residual entering block ``l`` at the query
-    position, one layer at a time."""
+    (``[n_layers, d_model]``, or ``[n_layers, n, d_model]`` for one vector per prompt) written over
+    (``replace``) or added to (``add``) the residual entering block ``l`` at the query position, one
+    layer at a time, by restarts over the suffix (:class:`SuffixRun`)."""
     layers = list(range(stack.n_layers)) if layers is None else list(layers)
-    return np.stack([answer_logp(stack, pb, batch_size=batch_size, edit_layer=layer,
-                                 vector=vectors[layer].to(stack.device, stack.dtype), mode=mode)[:, 0]
-                     for layer in layers], 1)
+    runs = suffix_runs(stack, pb, batch_size) if runs is None else runs
+    out = np.zeros((pb.n, len(layers)))
+    for run in runs:
+        R = len(run.rows)
+        index = torch.arange(R)
+        for j, layer in enumerate(layers):
+            vec = vectors[layer] if vectors.ndim == 2 else vectors[layer][run.rows]
+            vec = vec.to(stack.device, stack.dtype)
+            resid = run.resid[layer].clone()
+            resid[:, 0] = vec if mode == "replace" else resid[:, 0] + vec
+            if mode not in ("replace", "add"):
+                raise ValueError(f"unknown edit mode {mode!r}")
+            out[run.rows, j] = restart(stack, run, layer, resid, index)
+    return out
+
+
+def leave_one_out(resid: torch.Tensor) -> torch.Tensor:
+    """``resid`` ``[layers, n, d]`` -> the mean over the *other* prompts for each prompt, same shape."""
+    n = resid.shape[1]
+    return (resid.sum(1, keepdim=True) - resid) / (n - 1)
 
 
 @torch.inference_mode()

@@ -14,7 +14,8 @@ head ablation.
 3. Function vector. Per task, the sum of the ``n_top`` top heads' mean outputs (``z_h W_O^h``), added to
    the residual stream at the query position of zero-shot prompts (the query line alone), at every
    layer; ``fv_layer`` (default: a third of the depth, as Todd et al.) is the layer declared in
-   advance. Baseline: the same sum over ``n_random`` sets of heads drawn at random from the layers of
+   advance. The zero-shot prompts are the clean prompts' query lines, and each one's function vector
+   is built from the mean outputs over the *other* clean prompts (leave one out). Baseline: the same sum over ``n_random`` sets of heads drawn at random from the layers of
    the top heads (one per top head, same layer, another head).
 4. Integer-ness. Prompts of ``k_ablate + 1`` examples; at every example's prediction position, the
    probability the model's output puts on number tokens and the whole-answer log-probability, with
@@ -52,14 +53,14 @@ SOURCE_MODEL = "llama-3-8b"  # the model whose heads the source post names
 class Params:
     tasks: tuple[str, ...] = ("plus-1", "plus-10", "identity", "double")
     k: int = 10
-    n_clean: int = 32
-    n_corrupt: int = 16
-    n_eval: int = 40
+    n_clean: int = 24
+    n_corrupt: int = 8
     n_top: int = 10
     fv_layer: int = -1  # -1: n_layers // 3
-    n_random: int = 3
+    n_random: int = 2
+    ablate_tasks: tuple[str, ...] = ("plus-1", "double")
     k_ablate: int = 12
-    n_ablate: int = 16
+    n_ablate: int = 8
     fdr: float = 0.05
     seed: int = 0
     n_boot: int = 1000
@@ -70,10 +71,14 @@ class Params:
             tasks.get_task(name)
         if self.k < 2:
             raise ValueError("k must be at least 2 (shuffling needs two demonstrations)")
+        if not set(self.ablate_tasks) <= set(self.tasks):
+            raise ValueError("ablate_tasks must be among tasks")
+        if self.n_clean < 3:
+            raise ValueError("n_clean must be at least 3 (leave-one-out means)")
 
 
-LIMITS = {"tasks": TASKS, "k": between(2, 60), "n_clean": between(2, 1000), "n_corrupt": between(2, 1000),
-          "n_eval": between(2, 1000), "n_top": between(1, 100), "fv_layer": between(-1, 200),
+LIMITS = {"tasks": TASKS, "ablate_tasks": TASKS, "k": between(2, 60), "n_clean": between(3, 1000),
+          "n_corrupt": between(2, 1000), "n_top": between(1, 100), "fv_layer": between(-1, 200),
           "n_random": between(1, 20), "k_ablate": between(1, 60), "n_ablate": between(2, 1000),
           "fdr": between(0.001, 0.5), "n_boot": between(20, 10_000), "batch_size": between(1, 256)}
 
@@ -82,13 +87,13 @@ def prompts_for(params: Params) -> dict[str, dict[str, list[tasks.Prompt]]]:
     params.validate()
     out = {}
     for name in params.tasks:
-        clean = tasks.make_prompts(name, params.n_clean + params.n_eval, params.k, params.seed + 3)
+        clean = tasks.make_prompts(name, params.n_clean, params.k, params.seed + 3)
         corrupt = tasks.shuffle_answers(tasks.make_prompts(name, params.n_corrupt, params.k, params.seed + 4),
                                         params.seed, keep_last=True)
-        evals = clean[params.n_clean:]
-        out[name] = {"clean": clean[: params.n_clean], "corrupt": corrupt, "eval": evals,
-                     "zero": [tasks.prompt_from(p.task, p.xs[-1:], p.ys[-1:]) for p in evals],
-                     "ablate": tasks.make_prompts(name, params.n_ablate, params.k_ablate + 1, params.seed + 5)}
+        out[name] = {"clean": clean, "corrupt": corrupt,
+                     "zero": [tasks.prompt_from(p.task, p.xs[-1:], p.ys[-1:]) for p in clean]}
+        if name in params.ablate_tasks:
+            out[name]["ablate"] = tasks.make_prompts(name, params.n_ablate, params.k_ablate + 1, params.seed + 5)
     return out
 
 
@@ -126,60 +131,33 @@ def _ci(values: np.ndarray, n_boot: int, seed: int) -> list[float]:
 
 
 @torch.inference_mode()
-def _clean(stack: LlamaStack, pb: taskvec.PromptBatch, bs: int) -> torch.Tensor:
-    """``z`` at the query position ``[n_layers, n, n_heads, d_head]``."""
-    zs = []
-    for start in range(0, pb.n, bs):
-        rows = list(range(start, min(pb.n, start + bs)))
-        tr = stack.forward(taskvec.padded(pb, rows), keep=pb.pred()[rows][:, None], keep_kv=False)
-        zs.append(tr.z[:, :, 0].float().cpu())
-    return torch.cat(zs, 1)
-
-
-@torch.inference_mode()
 def cie(stack: LlamaStack, pb: taskvec.PromptBatch, mean_z: torch.Tensor, bs: int) -> tuple[np.ndarray, np.ndarray]:
     """Whole-answer log-probability of the query's answer in each prompt ``[n]`` and with each head's
-    ``z`` at the query position replaced by ``mean_z`` ``[n_layers, n_heads, d_head]`` ``[n, n_layers, n_heads]``."""
+    ``z`` at the query position replaced by ``mean_z`` ``[n_layers, n_heads, d_head]``: ``[n, n_layers,
+    n_heads]``. Each patch is a restart over the suffix (:func:`icl.taskvec.restart`), all heads of a
+    layer and all prompts of a batch at once."""
     L, H = stack.n_layers, stack.n_heads
     base = np.zeros(pb.n)
     out = np.zeros((pb.n, L, H))
-    for start in range(0, pb.n, bs):
-        rows = list(range(start, min(pb.n, start + bs)))
-        R = len(rows)
-        pos, tgt, valid = taskvec.answer_index(pb, rows, [pb.k - 1])  # [R, 1, S]
-        S = pos.shape[-1]
-        q = pb.pred()[rows]  # [R]
-        suffix = q[:, None] + torch.arange(S)[None]  # [R, S] the query position and what follows
-        width = int(suffix.max()) + 1
-        ids = torch.full((R, width), pb.pad, dtype=torch.long)
-        for r, i in enumerate(rows):
-            n_ids = min(width, len(pb.ids[i]))
-            ids[r, :n_ids] = torch.tensor(pb.ids[i][:n_ids])
-        tr = stack.forward(ids, keep=suffix, logit_pos=suffix, keep_kv=True)
-        # answer token s is read at suffix position s (pos == q + s for valid tokens)
-        base[rows] = taskvec.whole_answer_logp(stack, tr.resid_pre[L][:, None], tgt, valid)[:, 0].numpy()
-        P = int(q.max())
-        prefix_valid = torch.arange(P)[None] < q[:, None]  # [R, P]
-        prompt = torch.arange(R).repeat(H)  # rows: (head, prompt)
+    dev = stack.device
+    for run in taskvec.suffix_runs(stack, pb, bs):
+        R = len(run.rows)
+        base[run.rows] = run.base
+        prompt = torch.arange(R).repeat(H)  # restart rows: (head, prompt)
         head = torch.arange(H).repeat_interleave(R)
-        dev = stack.device
+        rows_dev, head_dev = torch.arange(H * R, device=dev), head.to(dev)
         for layer in range(L):
             repl = mean_z[layer][head].to(dev, stack.dtype)  # [H * R, d_head]
-            rows_dev, head_dev = torch.arange(H * R, device=dev), head.to(dev)
 
-            def edit(at: int, z: torch.Tensor, layer=layer, repl=repl, rows_dev=rows_dev, head_dev=head_dev):
+            def edit(at: int, z: torch.Tensor, layer=layer, repl=repl):
                 if at != layer:
                     return z
                 z = z.clone()
                 z[rows_dev, 0, head_dev] = repl
                 return z
 
-            kc = {l: tr.k[l][prompt][:, :, :P] for l in range(layer, L)}
-            vc = {l: tr.v[l][prompt][:, :, :P] for l in range(layer, L)}
-            final = taskvec.run_from(stack, layer, tr.resid_pre[layer][prompt], q[prompt], kc, vc,
-                                     prefix_valid[prompt], edit)  # [H * R, S, d]
-            lp = taskvec.whole_answer_logp(stack, final[:, None], tgt[prompt], valid[prompt])[:, 0].numpy()
-            out[rows, layer] = lp.reshape(H, R).T
+            lp = taskvec.restart(stack, run, layer, run.resid[layer][prompt], prompt, edit)
+            out[run.rows, layer] = lp.reshape(H, R).T
     return base, out
 
 
@@ -199,11 +177,15 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
 
     # 1-2. mean head outputs and the CIE of every head ---------------------------------------------
     mean_z: dict[str, torch.Tensor] = {}
+    clean_z: dict[str, torch.Tensor] = {}
+    clean_runs: dict[str, list[taskvec.SuffixRun]] = {}
     effects = []
     for t, name in enumerate(params.tasks, 1):
         say(f"task {t}/{len(params.tasks)} {name}: mean head outputs over {params.n_clean} prompts, then the "
             f"indirect effect of {L * H} heads on {params.n_corrupt} shuffled-label prompts")
-        mean_z[name] = _clean(stack, taskvec.encode_prompts(tok, suite[name]["clean"]), bs).mean(1)
+        clean_runs[name] = taskvec.suffix_runs(stack, taskvec.encode_prompts(tok, suite[name]["clean"]), bs)
+        clean_z[name] = torch.cat([run.z[:, :, 0].float().cpu() for run in clean_runs[name]], 1)  # [L, n, H, dh]
+        mean_z[name] = clean_z[name].mean(1)
         base, patched = cie(stack, taskvec.encode_prompts(tok, suite[name]["corrupt"]), mean_z[name], bs)
         effect = patched - base[:, None, None]  # [n, L, H]
         effects.append(effect)
@@ -227,23 +209,24 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     random_sets = [matched_random(top, H, rng) for _ in range(params.n_random)]
     fv_out: dict[str, Any] = {}
     for name in params.tasks:
-        say(f"function vector of {name}: added at every layer of {params.n_eval} zero-shot prompts")
+        say(f"function vector of {name}: added at every layer of {params.n_clean} zero-shot prompts")
+        loo = (clean_z[name].sum(1, keepdim=True) - clean_z[name]) / (clean_z[name].shape[1] - 1)  # [L, n, H, dh]
 
-        def vector(heads: list[tuple[int, int]], name=name) -> torch.Tensor:
-            v = torch.zeros(stack.d_model)
+        def vector(heads: list[tuple[int, int]], loo=loo) -> torch.Tensor:
+            """Per prompt, the sum of the heads' mean outputs over the other prompts: ``[n, d_model]``."""
+            v = torch.zeros(loo.shape[1], stack.d_model)
             for layer, h in heads:
-                v += taskvec.head_out(stack, layer, mean_z[name][layer][h][None])[0].cpu()
-            return v.to(stack.device, stack.dtype)
+                v += taskvec.head_out(stack, layer, loo[layer][:, h][:, None])[:, 0].cpu()
+            return v
 
-        fv = vector(top)
         zero = taskvec.encode_prompts(tok, suite[name]["zero"])
-        evals = taskvec.encode_prompts(tok, suite[name]["eval"])
-        logp0 = taskvec.answer_logp(stack, zero, batch_size=4 * bs)[:, 0]
-        logpk = taskvec.answer_logp(stack, evals, batch_size=bs)[:, 0]
-        sweep = np.stack([taskvec.answer_logp(stack, zero, batch_size=4 * bs, edit_layer=layer, vector=fv,
-                                              mode="add")[:, 0] for layer in range(L)], 1)  # [n, L]
-        rand = np.stack([taskvec.answer_logp(stack, zero, batch_size=4 * bs, edit_layer=fv_layer, vector=vector(hs),
-                                             mode="add")[:, 0] for hs in random_sets], 1)  # [n, n_random]
+        zero_runs = taskvec.suffix_runs(stack, zero, 4 * bs)
+        logp0 = np.concatenate([run.base for run in zero_runs])
+        logpk = np.concatenate([run.base for run in clean_runs[name]])
+        fv = vector(top)
+        sweep = taskvec.layer_sweep(stack, zero, fv[None].expand(L, -1, -1), mode="add", runs=zero_runs)  # [n, L]
+        rand = np.concatenate([taskvec.layer_sweep(stack, zero, vector(hs)[None].expand(L, -1, -1), mode="add",
+                                                   layers=[fv_layer], runs=zero_runs) for hs in random_sets], 1)
         gain = sweep - logp0[:, None]
         gm, glo, ghi = bootstrap_mean_ci(gain, n_boot=params.n_boot, seed=params.seed)
         arrays[f"{name}.fv_gain.mean"], arrays[f"{name}.fv_gain.lo"], arrays[f"{name}.fv_gain.hi"] = gm, glo, ghi
@@ -266,7 +249,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     numbers = number_token_mask(tok, stack.W_U.shape[0]).to(stack.device)
     K = params.k_ablate + 1
     ablate_out: dict[str, Any] = {}
-    for name in params.tasks:
+    for name in params.ablate_tasks:
         say(f"integer-ness of {name}: {len(conditions)} ablation conditions on {params.n_ablate} prompts")
         pb = taskvec.encode_prompts(tok, suite[name]["ablate"])
         res = {}
@@ -298,7 +281,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
         ablate_out[name] = s
 
     data = {"model": model.spec.name, "n_layers": L, "n_heads": H, "k": params.k, "n_clean": params.n_clean,
-            "n_corrupt": params.n_corrupt, "n_eval": params.n_eval, "n_top": params.n_top, "fv_layer": fv_layer,
+            "n_corrupt": params.n_corrupt, "ablate_tasks": list(params.ablate_tasks), "n_top": params.n_top, "fv_layer": fv_layer,
             "fdr": params.fdr, "top_heads": ranked, "n_significant": int(rejected.sum()),
             "random_sets": [[list(h) for h in hs] for hs in random_sets], "tasks": summary, "fv": fv_out,
             "named_heads": [list(h) for h in named], "named_heads_mapped": mapped,

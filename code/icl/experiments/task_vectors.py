@@ -2,11 +2,13 @@
 the mass on number tokens, on the tasks plus-1, plus-10, identity, double and a shuffled-answer control.
 
 1. Task vector (Hendel et al. 2023). Per task, the mean residual stream at the query position (the
-   space after the last comma) over ``n_extract`` prompts of ``k`` examples, per layer. Written over the
-   residual stream of zero-shot prompts (the query line alone) at that layer and position, it is
-   scored by the whole-answer log-probability of the correct answer; the fraction of the k-shot
-   advantage recovered is ``(m_patched - m_zero) / (m_kshot - m_zero)`` (ratio of means over
-   ``n_eval`` held-out prompts, 95% bootstrap intervals). Baseline: the shuffled-answer control's own
+   space after the last comma) over ``n_prompts`` prompts of ``k`` examples, per layer. Written over the
+   residual stream of zero-shot prompts (each prompt's query line alone) at that layer and position
+   (each prompt gets the mean over the *other* prompts: leave one out), it is scored by the
+   whole-answer log-probability of the correct answer; the fraction of the k-shot advantage recovered
+   is ``(m_patched - m_zero) / (m_kshot - m_zero)`` (ratio of means, 95% bootstrap intervals). The
+   edited passes are restarts over the query position and the answer's tokens
+   (:func:`icl.taskvec.layer_sweep`). Baseline: the shuffled-answer control's own
    mean vector, patched the same way. The task-vector layer is the layer with the largest recovered
    fraction averaged over the tasks. At that layer each task's vector is also written into prompts of
    another task (``k_cross`` examples): does the answer move to the patched task's rule?
@@ -22,8 +24,8 @@ the mass on number tokens, on the tasks plus-1, plus-10, identity, double and a 
    ``y mod 5`` and, as a reference, the query's own last digit ``x mod 10``, from the residual stream at
    the prediction positions with at least ``probe_min_k`` earlier examples, on the additive tasks
    (plus-1, plus-10, identity: Hu et al.'s add-k setting), per layer, with a shuffled-label probe.
-4. Number-token mass by the logit lens at the prediction position, per layer and for the numbers of
-   earlier examples in ``lens_ks``.
+4. Number-token mass by the logit lens at the prediction position, every ``lens_every``-th layer and
+   the output, for the numbers of earlier examples in ``lens_ks``.
 
 The shuffled-answer control ``shuffled`` is made of ``control`` prompts whose answers are permuted
 among the examples of each prompt (no answer stays with its own x, the query's included): the same
@@ -62,16 +64,16 @@ class Params:
     tasks: tuple[str, ...] = ("plus-1", "plus-10", "identity", "double")
     control: str = "plus-1"
     k: int = 10
-    n_extract: int = 40
-    n_eval: int = 40
+    n_prompts: int = 40
     k_sweep: int = 20
-    n_sweep: int = 32
+    n_sweep: int = 24
     k_cross: int = 5
-    n_cross: int = 24
+    n_cross: int = 16
     probe_min_k: int = 4
     probe_lam: float = 1.0
     n_folds: int = 4
-    lens_ks: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 20)
+    lens_ks: tuple[int, ...] = (0, 1, 2, 5, 10, 20)
+    lens_every: int = 3  # the logit lens reads every lens_every-th layer (and the output)
     seed: int = 0
     n_boot: int = 1000
     batch_size: int = 8
@@ -89,8 +91,8 @@ class Params:
             raise ValueError("n_folds must not exceed n_sweep")
 
 
-LIMITS = {"tasks": TASKS, "control": TASKS, "k": between(1, 60), "n_extract": between(2, 1000),
-          "n_eval": between(2, 1000), "k_sweep": between(3, 60), "n_sweep": between(4, 1000),
+LIMITS = {"tasks": TASKS, "control": TASKS, "k": between(1, 60), "n_prompts": between(3, 1000),
+          "lens_every": between(1, 100), "k_sweep": between(3, 60), "n_sweep": between(4, 1000),
           "k_cross": between(1, 60), "n_cross": between(2, 1000), "probe_min_k": between(0, 60),
           "probe_lam": between(1e-4, 1e4), "n_folds": between(2, 20), "lens_ks": each_int(0, 60),
           "n_boot": between(20, 10_000), "batch_size": between(1, 256)}
@@ -121,9 +123,8 @@ def prompts_for(params: Params) -> dict[str, dict[str, list[tasks.Prompt]]]:
     params.validate()
     out: dict[str, dict[str, list[tasks.Prompt]]] = {}
     for name in all_tasks(params):
-        pool = _make(params, name, params.n_extract + params.n_eval, params.k, params.seed)
-        out[name] = {"extract": pool[: params.n_extract], "eval": pool[params.n_extract:],
-                     "zero": zero_shot(pool[params.n_extract:]),
+        pool = _make(params, name, params.n_prompts, params.k, params.seed)
+        out[name] = {"kshot": pool, "zero": zero_shot(pool),
                      "sweep": _make(params, name, params.n_sweep, params.k_sweep + 1, params.seed + 1)}
     for name in params.tasks:
         other = recipient(params, name)
@@ -178,40 +179,40 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
 
     # 1. task vectors ---------------------------------------------------------------------------
     tv: dict[str, torch.Tensor] = {}
+    loo: dict[str, torch.Tensor] = {}
     logp_k: dict[str, np.ndarray] = {}
-    logp_0: dict[str, np.ndarray] = {}
-    zero_pb: dict[str, taskvec.PromptBatch] = {}
     for name in names:
-        say(f"task vector of {name}: {params.n_extract} + {params.n_eval} prompts of {params.k} examples")
-        _, resid = taskvec.answer_logp(stack, taskvec.encode_prompts(tok, suite[name]["extract"]), batch_size=bs,
-                                       residuals=True)
+        say(f"task vector of {name}: {params.n_prompts} prompts of {params.k} examples")
+        logp, resid = taskvec.answer_logp(stack, taskvec.encode_prompts(tok, suite[name]["kshot"]), batch_size=bs,
+                                          residuals=True)
+        logp_k[name] = logp[:, 0]
         tv[name] = resid.mean(1)  # [L + 1, d_model]
-        logp_k[name] = taskvec.answer_logp(stack, taskvec.encode_prompts(tok, suite[name]["eval"]), batch_size=bs)[:, 0]
-        zero_pb[name] = taskvec.encode_prompts(tok, suite[name]["zero"])
-        logp_0[name] = taskvec.answer_logp(stack, zero_pb[name], batch_size=4 * bs)[:, 0]
+        loo[name] = taskvec.leave_one_out(resid)  # [L + 1, n, d_model]: each prompt's vector leaves it out
     for name in names:
         say(f"writing task vectors into zero-shot prompts of {name} at every layer")
-        own = taskvec.layer_sweep(stack, zero_pb[name], tv[name], batch_size=4 * bs)  # [n, L]
-        ctrl = taskvec.layer_sweep(stack, zero_pb[name], tv[CONTROL], batch_size=4 * bs) if name != CONTROL else None
+        zero_pb = taskvec.encode_prompts(tok, suite[name]["zero"])
+        runs = taskvec.suffix_runs(stack, zero_pb, 4 * bs)
+        logp_0 = np.concatenate([run.base for run in runs])
+        own = taskvec.layer_sweep(stack, zero_pb, loo[name][:L], runs=runs)  # [n, L]
+        ctrl = taskvec.layer_sweep(stack, zero_pb, tv[CONTROL][:L], runs=runs) if name != CONTROL else None
         arrays[f"{name}.logp_kshot"] = logp_k[name].astype(np.float32)
-        arrays[f"{name}.logp_zero"] = logp_0[name].astype(np.float32)
+        arrays[f"{name}.logp_zero"] = logp_0.astype(np.float32)
         arrays[f"{name}.logp_tv"] = own.astype(np.float32)
         s: dict[str, Any] = {
             "logp_kshot": [float(v) for v in np.ravel(np.stack(bootstrap_mean_ci(logp_k[name][:, None], params.n_boot,
                                                                                 seed=params.seed)))],
-            "logp_zero": [float(v) for v in np.ravel(np.stack(bootstrap_mean_ci(logp_0[name][:, None], params.n_boot,
+            "logp_zero": [float(v) for v in np.ravel(np.stack(bootstrap_mean_ci(logp_0[:, None], params.n_boot,
                                                                                seed=params.seed)))],
         }
-        gain = own - logp_0[name][:, None]  # [n, L] nats over zero-shot
-        _store_ci(arrays, f"{name}.tv_gain", gain, params.n_boot, params.seed)
+        _store_ci(arrays, f"{name}.tv_gain", own - logp_0[:, None], params.n_boot, params.seed)
         if name != CONTROL:
             arrays[f"{name}.logp_ctrl_tv"] = ctrl.astype(np.float32)
-            m, lo, hi = taskvec.recovered_fraction(own, logp_k[name], logp_0[name], params.n_boot, params.seed)
+            m, lo, hi = taskvec.recovered_fraction(own, logp_k[name], logp_0, params.n_boot, params.seed)
             arrays[f"{name}.recovered.mean"], arrays[f"{name}.recovered.lo"], arrays[f"{name}.recovered.hi"] = m, lo, hi
-            cm, clo, chi = taskvec.recovered_fraction(ctrl, logp_k[name], logp_0[name], params.n_boot, params.seed)
+            cm, clo, chi = taskvec.recovered_fraction(ctrl, logp_k[name], logp_0, params.n_boot, params.seed)
             arrays[f"{name}.ctrl_recovered.mean"], arrays[f"{name}.ctrl_recovered.lo"] = cm, clo
             arrays[f"{name}.ctrl_recovered.hi"] = chi
-            _store_ci(arrays, f"{name}.ctrl_gain", ctrl - logp_0[name][:, None], params.n_boot, params.seed)
+            _store_ci(arrays, f"{name}.ctrl_gain", ctrl - logp_0[:, None], params.n_boot, params.seed)
             best = int(np.argmax(m))
             s.update({"best_layer": best, "recovered_at_best": [float(m[best]), float(lo[best]), float(hi[best])],
                       "ctrl_recovered_at_best": [float(cm[best]), float(clo[best]), float(chi[best])],
@@ -224,15 +225,14 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     # cross-task: task A's vector into prompts of task B at the task-vector layer
     for name in params.tasks:
         say(f"cross-task: {name}'s vector into {recipient(params, name)} prompts at layer {tv_layer}")
-        vec = tv[name][tv_layer].to(stack.device, stack.dtype)
-        own_pb = taskvec.encode_prompts(tok, suite[name]["cross_own"])
-        alt_pb = taskvec.encode_prompts(tok, suite[name]["cross_patched_rule"])
         res = {}
-        for tag, pb in (("recipient_rule", own_pb), ("patched_rule", alt_pb)):
-            res[tag] = taskvec.answer_logp(stack, pb, batch_size=bs)[:, 0]
-            res[tag + "_patched"] = taskvec.answer_logp(stack, pb, batch_size=bs, edit_layer=tv_layer, vector=vec)[:, 0]
-        pref_before = res["patched_rule"] - res["recipient_rule"]
-        pref_after = res["patched_rule_patched"] - res["recipient_rule_patched"]
+        for tag in ("cross_own", "cross_patched_rule"):
+            pb = taskvec.encode_prompts(tok, suite[name][tag])
+            runs = taskvec.suffix_runs(stack, pb, bs)
+            res[tag] = np.concatenate([run.base for run in runs])
+            res[tag + ".patched"] = taskvec.layer_sweep(stack, pb, tv[name][:L], layers=[tv_layer], runs=runs)[:, 0]
+        pref_before = res["cross_patched_rule"] - res["cross_own"]
+        pref_after = res["cross_patched_rule.patched"] - res["cross_own.patched"]
         arrays[f"{name}.cross.pref_before"] = pref_before.astype(np.float32)
         arrays[f"{name}.cross.pref_after"] = pref_after.astype(np.float32)
         ci = lambda v: [float(x) for x in np.ravel(np.stack(bootstrap_mean_ci(v[:, None], params.n_boot, seed=params.seed)))]
@@ -248,6 +248,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
     K = params.k_sweep + 1
     ks = np.arange(K)
     lens_ks = list(params.lens_ks)
+    lens_layers = sorted(set(range(0, L + 1, params.lens_every)) | {L})
     dirs = {}
     for name in params.tasks:
         d = tv[name] - tv[CONTROL]  # [L + 1, d_model]
@@ -266,7 +267,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
         parts_mlp = np.zeros((n, tv_layer, K))
         parts_embed = np.zeros((n, K))
         logp = np.zeros((n, K))
-        mass = np.zeros((n, L + 1, len(lens_ks)))
+        mass = np.zeros((n, len(lens_layers), len(lens_ks)))
         to_own_x = np.zeros((n, L, H))  # attention from y's prediction position to the same line's x
         x_tokens = [own_x_tokens(tok, p) for p in suite[name]["sweep"]]
         own_dir = dirs[name] if name in dirs else None
@@ -296,8 +297,8 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
                     per_head = taskvec.head_out(stack, layer, tr.z[layer])  # [R, K, H, d]
                     parts_head[rows, layer] = (per_head @ u).permute(0, 2, 1).cpu().numpy()
                     parts_mlp[rows, layer] = (tr.mlp_out[layer].float() @ u).cpu().numpy()
-            for layer in range(L + 1):
-                mass[rows, layer] = taskvec.number_mass(stack, tr.resid_pre[layer][:, lens_ks], numbers).cpu().numpy()
+            for j, layer in enumerate(lens_layers):
+                mass[rows, j] = taskvec.number_mass(stack, tr.resid_pre[layer][:, lens_ks], numbers).cpu().numpy()
             if name in ADDITIVE:
                 sel = ks[params.probe_min_k:]
                 probe_x.append(resid[:, :, sel].reshape(L + 1, R * len(sel), -1).cpu().numpy().astype(np.float32))
@@ -342,11 +343,10 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
         say("unit-digit probes at every layer")
         N = _probes(params, probe_x, probe_y, probe_g, L, arrays, probe_summary)
 
-    data = {"model": model.spec.name, "n_layers": L, "n_heads": H, "k": params.k, "n_eval": params.n_eval,
-            "n_extract": params.n_extract, "k_sweep": params.k_sweep, "n_sweep": params.n_sweep,
+    data = {"model": model.spec.name, "n_layers": L, "n_heads": H, "k": params.k, "n_prompts": params.n_prompts, "k_sweep": params.k_sweep, "n_sweep": params.n_sweep,
             "tv_layer": tv_layer, "mean_recovered_at_tv": float(mean_rec[tv_layer]), "tasks": summary,
             "growth": growth_out, "probe": probe_summary, "probe_n": int(N), "probe_tasks": list(ADDITIVE),
-            "lens_ks": lens_ks, "control_of": params.control, "n_number_tokens": int(numbers.sum())}
+            "lens_ks": lens_ks, "lens_layers": lens_layers, "control_of": params.control, "n_number_tokens": int(numbers.sum())}
     return arrays, data
 
 
