@@ -94,8 +94,8 @@ def task_vector_verdicts(tv: Any, fv: Any, ih: Any, ab: Any) -> dict[str, Any]:
     abl = F["ablate"]
     n_random = len([c for c in F["conditions"] if c.startswith("random_named")])
 
-    def mass(n: str, s: str, i: int) -> float:
-        return float(A[f"{n}.sweep.number_mass.{s}"][L, i])
+    def mass(n: str, s: str, i: int) -> float:  # at the output (the lens's last layer), after lens_ks[i] examples
+        return float(A[f"{n}.sweep.number_mass.{s}"][-1, i])
 
     learnt = {n: mass(n, "lo", -1) > mass(n, "hi", 0) for n in names}
 
@@ -103,8 +103,9 @@ def task_vector_verdicts(tv: Any, fv: Any, ih: Any, ab: Any) -> dict[str, Any]:
         d = abl[n][cond]["d_number_mass"]
         return d[2] < 0 and d[0] < min(abl[n][f"{fam}.{i}"]["d_number_mass"][0] for i in range(n_random))
 
-    named = {n: beats(n, "named_heads", "random_named") for n in names}
-    fvh = {n: beats(n, "fv_heads", "random_fv") for n in names}
+    ablated = list(F["ablate_tasks"])
+    named = {n: beats(n, "named_heads", "random_named") for n in ablated}
+    fvh = {n: beats(n, "fv_heads", "random_fv") for n in ablated}
     out.update(n_random=n_random, mass_k={n: (mass(n, "mean", 0), mass(n, "mean", -1)) for n in names},
                learnt_int=learnt, n_int_learnt=sum(learnt.values()), named_beats=named,
                n_named=sum(named.values()), fvh_beats=fvh, n_fvh=sum(fvh.values()))
@@ -113,6 +114,8 @@ def task_vector_verdicts(tv: Any, fv: Any, ih: Any, ab: Any) -> dict[str, Any]:
     out["c11"] = grade(min(out["n_tv"], out["n_fv"]), k)
     out["c12"] = grade(n_linear, k)
     out["c12_shape"] = ("linear" if n_linear >= k - 1 else "saturating" if n_sat >= k - 1 else "mixed")
-    out["c13"] = grade(min(out["n_int_learnt"], out["n_named"]), k)
+    out["ablated"] = ablated
+    out["c13"] = ("holds" if out["n_int_learnt"] >= k - 1 and out["n_named"] == len(ablated) else
+                  "holds in part" if out["n_int_learnt"] or out["n_named"] else "not reproduced")
     out["digits"] = "present" if out["n_present"] == 3 else ("partly present" if out["n_present"] else "absent")
     return out
