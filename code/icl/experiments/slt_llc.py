@@ -35,7 +35,7 @@ from icl.experiments import between, each_float, each_int, text
 
 NAME = "slt_llc"
 VERSION = 1
-CHAPTER = "report/09-slt.qmd"
+CHAPTER = "report/10-slt.qmd"
 USES_MODEL = False
 DESCRIPTION = "SGLD local learning coefficient vs known RLCTs (regular, monomial, reduced-rank regression)"
 TORCH_THREADS = 1
