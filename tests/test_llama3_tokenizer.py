@@ -212,6 +212,11 @@ TOY = {
                  "threshold": "0.01", "iterations": "1"},
     "induction_heads": {"n_seqs": "3", "half": "10", "tasks": "identity,random", "n_prompts": "2", "k": "3",
                         "n_boot": "20"},
+    "task_vectors": {"n_prompts": "3", "k": "3", "k_sweep": "4", "n_sweep": "4", "n_cross": "2",
+                     "k_cross": "2", "probe_min_k": "1", "lens_ks": "0,4", "lens_every": "2", "n_boot": "20", "n_folds": "2"},
+    "function_vectors": {"tasks": "plus-1,identity", "k": "3", "n_clean": "3", "n_corrupt": "2",
+                         "n_top": "2", "n_random": "1", "ablate_tasks": "plus-1,identity", "k_ablate": "2",
+                         "n_ablate": "2", "n_boot": "20"},
     "c2w_pretrained": {"ks": "1,2", "lrs": "0.001", "steps": "2", "record": "1,2", "n_contexts": "2",
                        "n_query": "2", "layers": "1"},
 }
@@ -256,6 +261,17 @@ def test_model_experiment_runs_on_the_real_vocabulary(name, real_vocab, tok, tmp
         for task in ("identity", "random"):  # attention reaches the earlier x and answer tokens
             assert (arrays[f"{task}.to_xs"] > 0).all() and (arrays[f"{task}.to_first_answer_token"] > 0).all()
             assert (arrays[f"{task}.to_first_answer_token"] <= arrays[f"{task}.to_answers"] + 1e-9).all()
+    elif name == "task_vectors":  # whole answers are two tokens (number, ")\n"); number mass near uniform
+        share = N_NUMBER_TOKENS / models.LLAMA3_VOCAB
+        for task in ("plus-1", "double", "shuffled"):
+            assert abs(float(arrays[f"{task}.logp_zero"].mean()) + 2 * log_v) < 1.5
+            mass = arrays[f"{task}.sweep.number_mass.mean"]
+            assert ((mass > 0.8 * share) & (mass < 1.25 * share)).all(), mass
+    elif name == "function_vectors":
+        assert data["named_heads"] and all(layer < 3 for layer, _ in data["named_heads"])
+        for task in ("plus-1", "identity"):
+            assert abs(float(arrays[f"{task}.logp_zero"].mean()) + 2 * log_v) < 1.5
+            assert np.isfinite(arrays[f"{task}.ablate.fv_heads.number_mass"]).all()
     elif name == "c2w_pretrained":
         assert data["weights_restored"] is True
         assert abs(float(arrays["icl_logp"].mean()) + 2 * log_v) < 1.5  # number token + ")\n"

@@ -66,3 +66,27 @@ def test_cluster_bootstrap_widens_for_correlated_rows():
     assert m2[0] == 2.0
     with pytest.raises(ValueError):
         cluster_bootstrap_mean_ci(np.ones((3, 1)), np.zeros(3))
+
+
+def test_benjamini_hochberg_matches_the_step_up_rule():
+    from icl.stats import benjamini_hochberg
+
+    p = np.array([0.01, 0.04, 0.03, 0.005, 0.5, 0.2])
+    rejected, adjusted = benjamini_hochberg(p, q=0.05)
+    # sorted: 0.005, 0.01, 0.03, 0.04, 0.2, 0.5; thresholds i/6 * 0.05: .0083 .0167 .025 .033 .042 .05
+    # largest i with p_(i) <= threshold is i = 2, so only 0.005 and 0.01 are rejected
+    assert rejected.tolist() == [True, False, False, True, False, False]
+    assert np.allclose(adjusted, [0.03, 0.06, 0.06, 0.03, 0.5, 0.24])
+    r2, a2 = benjamini_hochberg(p.reshape(2, 3), q=0.05)
+    assert r2.shape == (2, 3) and np.allclose(a2.ravel(), adjusted)
+    assert benjamini_hochberg(np.ones(4))[0].sum() == 0
+    with pytest.raises(ValueError):
+        benjamini_hochberg(np.array([0.1, 1.5]))
+
+
+def test_benjamini_hochberg_controls_false_discoveries_under_the_null():
+    from icl.stats import benjamini_hochberg
+
+    rng = np.random.default_rng(0)
+    false = [benjamini_hochberg(rng.uniform(size=200), 0.05)[0].any() for _ in range(200)]
+    assert np.mean(false) < 0.1  # under the global null BH controls the family-wise rate at q

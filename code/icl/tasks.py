@@ -174,34 +174,52 @@ def suite_digest(prompts_by_task: dict[str, list[Prompt]]) -> str:
     return h.hexdigest()
 
 
-def with_answers(prompt: Prompt, ys: "list[int] | tuple[int, ...]", task: str) -> Prompt:
-    """The same examples' ``x`` values with other answers ``ys`` (same line format), named ``task``."""
+def prompt_from(task: str, xs: tuple[int, ...] | list[int], ys: tuple[int, ...] | list[int]) -> Prompt:
+    """The prompt with examples ``(xs[i], ys[i])`` in order, in the suite's line format, whatever rule (or
+    none) links them: a zero-shot query is ``prompt_from(task, [x], [y])``, a shuffled-label prompt
+    is one whose ``ys`` were permuted."""
+    if len(xs) != len(ys) or not len(xs):
+        raise ValueError("need as many answers as inputs, and at least one example")
     text, lines, answers = "", [], []
-    for x, y in zip(prompt.xs, ys):
+    for x, y in zip(xs, ys):
         line, offset = format_example(int(x), int(y))
         start = len(text)
         lines.append((start, start + len(line)))
         answers.append((start + offset, start + len(line) - 1))
         text += line
-    return Prompt(task, tuple(prompt.xs), tuple(int(y) for y in ys), text, tuple(lines), tuple(answers))
+    return Prompt(task, tuple(int(x) for x in xs), tuple(int(y) for y in ys), text, tuple(lines), tuple(answers))
+
+
+def shuffle_answers(prompts: list[Prompt], seed: int, keep_last: bool = False, name: str | None = None) -> list[Prompt]:
+    """The same prompts with each prompt's answers permuted among its examples (a seeded stream per
+    call): inputs and the set of answers stay, the rule linking them goes. ``keep_last`` keeps the
+    last example (the query) right, so only the demonstrations are corrupted (Todd et al.'s
+    shuffled-label prompts); ``name`` renames the task of the result."""
+    rng = np.random.default_rng(_stream_seed(seed, "shuffle:" + (name or prompts[0].task if prompts else "")))
+    out = []
+    for p in prompts:
+        m = p.k - 1 if keep_last else p.k
+        order = rng.permutation(m) if m > 1 else np.arange(m)
+        if m > 1:
+            while (order == np.arange(m)).any():  # a derangement: no answer stays with its own x
+                order = rng.permutation(m)
+        ys = [p.ys[i] for i in order] + ([p.ys[-1]] if keep_last else [])
+        out.append(prompt_from(name or p.task, p.xs, ys))
+    return out
 
 
 def shuffled_answers(prompts: list[Prompt], seed: int) -> list[Prompt]:
-    """The same-marginal control of a rule: each prompt's answers permuted among its own examples.
+    """The same-marginal control of a rule (:func:`shuffle_answers` on every example, the task renamed
+    ``shuffled:<task>``).
 
     Every prompt keeps its ``x`` values and the multiset of its answers, so the answers' digits,
     parity, range and frequencies are exactly those of the rule; only the pairing of ``y`` with ``x``
-    is gone. What a model gains on the rule's prompts over these is what the rule itself is worth to
-    it; what it gains on these over a uniform random answer is the answers' marginal (for ``2x + 3``:
-    odd numbers between 5 and 201)."""
-    out = []
-    for i, p in enumerate(prompts):
-        rng = np.random.default_rng([seed, i, *_stream_seed(0, p.task)])
-        order = rng.permutation(len(p.ys))
-        while len(p.ys) > 1 and (order == np.arange(len(p.ys))).any():  # a derangement: no example
-            order = rng.permutation(len(p.ys))  # keeps its own answer, so none follows the rule by chance
-        out.append(with_answers(p, [p.ys[j] for j in order], f"shuffled:{p.task}"))
-    return out
+    is gone, and no example keeps its own answer. What a model gains on the rule's prompts over these
+    is what the rule itself is worth to it; what it gains on these over a uniform random answer is the
+    answers' marginal (for ``2x + 3``: odd numbers between 5 and 201)."""
+    if not prompts:
+        return []
+    return shuffle_answers(prompts, seed, name=f"shuffled:{prompts[0].task}")
 
 
 def answer_support(task: "Task | str") -> int:

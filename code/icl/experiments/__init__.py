@@ -51,6 +51,8 @@ REGISTRY: dict[str, str] = {
     "patching": "icl.experiments.patching",
     "ablation": "icl.experiments.ablation",
     "induction_heads": "icl.experiments.induction_heads",
+    "task_vectors": "icl.experiments.task_vectors",
+    "function_vectors": "icl.experiments.function_vectors",
     "phase_change": "icl.experiments.phase_change",
     "icl_regression": "icl.experiments.icl_regression",
     "contexts_to_weights": "icl.experiments.contexts_to_weights",

@@ -46,7 +46,7 @@ from icl.experiments import TASKS, between, each_float, each_int, one_of
 
 NAME = "c2w_pretrained"
 VERSION = 2
-CHAPTER = "report/08-contexts-to-weights.qmd"
+CHAPTER = "report/09-contexts-to-weights.qmd"
 USES_MODEL = True
 DESCRIPTION = "pretrained model: in-context prediction vs fine-tuning on the context lines (Q1)"
 THREADS = 1

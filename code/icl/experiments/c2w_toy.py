@@ -43,7 +43,7 @@ from icl.toybayes import RuleFamily, answer_logprobs, exact_predictive, finetune
 
 NAME = "c2w_toy"
 VERSION = 3  # 2: the model is read from the bayes_toy entry, not retrained; 3: fused Adam kernel per run of equal step sizes (toybayes.finetune_on_pairs)
-CHAPTER = "report/08-contexts-to-weights.qmd"
+CHAPTER = "report/09-contexts-to-weights.qmd"
 USES_MODEL = False
 DESCRIPTION = "rule family: in-context prediction vs fine-tuning on the context, against the exact posterior"
 THREADS = 1

@@ -35,7 +35,7 @@ from icl.experiments import between, each_float, each_int, reporter
 
 NAME = "contexts_to_weights"
 VERSION = 1
-CHAPTER = "report/08-contexts-to-weights.qmd"
+CHAPTER = "report/09-contexts-to-weights.qmd"
 USES_MODEL = False
 DESCRIPTION = "in-context prediction T_w(c, x) vs prediction after gradient steps on c; modified-keys check"
 THREADS = 1

@@ -30,7 +30,7 @@ from icl.stats import bootstrap_mean_ci
 
 NAME = "icl_regression"
 VERSION = 1
-CHAPTER = "report/08-contexts-to-weights.qmd"
+CHAPTER = "report/09-contexts-to-weights.qmd"
 USES_MODEL = False
 DESCRIPTION = "transformer trained here on in-context linear regression vs least squares, ridge, one GD step; LSA = GD"
 THREADS = 1

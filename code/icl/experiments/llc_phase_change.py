@@ -50,7 +50,7 @@ from icl.experiments import between, each_int
 
 NAME = "llc_phase_change"
 VERSION = 3  # 2: checkpoints read from the phase_change entry; 3: chains batched, L_m(w*) looked up
-CHAPTER = "report/09-slt.qmd"
+CHAPTER = "report/10-slt.qmd"
 USES_MODEL = False
 DEPENDS = ("phase_change",)
 DESCRIPTION = "SGLD local learning coefficient at checkpoints of the phase-change model"

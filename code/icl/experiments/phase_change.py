@@ -32,7 +32,7 @@ from icl.experiments import between, each_int
 
 NAME = "phase_change"
 VERSION = 2  # 2: fused QKV + SDPA forward and fused AdamW; L2 weights kept at `checkpoints`
-CHAPTER = "report/07-phase-change.qmd"
+CHAPTER = "report/08-phase-change.qmd"
 USES_MODEL = False
 DESCRIPTION = "2-layer attention-only transformer trained here: induction heads, ICL score, 1-layer control"
 THREADS = 1  # the same seed gives the same weights at a fixed thread count

@@ -33,7 +33,7 @@ from icl.experiments import between, each_float, reporter
 
 NAME = "slt_free_energy"
 VERSION = 1
-CHAPTER = "report/09-slt.qmd"
+CHAPTER = "report/10-slt.qmd"
 USES_MODEL = False
 DESCRIPTION = "free energy of regular and singular 2-parameter models: quadrature vs SymPy asymptotics, slope fits"
 TORCH_THREADS = 1

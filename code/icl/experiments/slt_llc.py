@@ -39,7 +39,7 @@ from icl.experiments import between, each_float, each_int, text
 
 NAME = "slt_llc"
 VERSION = 2  # 2: datasets and sweep values run as groups of one batched SGLD (slt.sgld_llc_groups)
-CHAPTER = "report/09-slt.qmd"
+CHAPTER = "report/10-slt.qmd"
 USES_MODEL = False
 DESCRIPTION = "SGLD local learning coefficient vs known RLCTs (regular, monomial, reduced-rank regression)"
 TORCH_THREADS = 1
