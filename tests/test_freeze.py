@@ -20,7 +20,7 @@ def project(tmp_path, clean_env):
     root = tmp_path / "proj"
     (root / "report").mkdir(parents=True)
     doc = root / "report" / "ch.qmd"
-    doc.write_text("# ch\n")
+    doc.write_text('# ch\n\n```{python}\nres = book.load("x")\n```\n')
     clean_env.setenv("ICL_CACHE_DIR", str(REPO_ROOT / "cache"))
     clean_env.setenv("QUARTO_PROJECT_ROOT", str(root))
     clean_env.setenv("QUARTO_DOCUMENT_PATH", str(root / "report"))
@@ -75,6 +75,14 @@ def test_another_cache_folder_or_no_record_thaws(project, tmp_path):
     freeze.record(NAME, {}, key, meta)
     env.setenv("ICL_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert "gone" in freeze.why_stale(root, doc)
+
+
+def test_executed_page_that_reads_no_entry_needs_no_record(project):
+    """A frozen page whose code reads no cache entry (it only imports the helpers) has nothing to go
+    stale against, so it stays frozen without a record."""
+    root, doc, _ = project
+    doc.write_text("# ch\n\n```{python}\nfrom icl.book import setup\nbook = setup()\n```\n")
+    assert freeze.why_stale(root, doc) is None
 
 
 def test_start_forgets_and_nothing_is_recorded_outside_quarto(project):

@@ -99,6 +99,8 @@ def why_stale(root: Path, document: Path) -> str | None:
         return None  # not frozen: Quarto executes it anyway
     path = record_path(root, document)
     if not path.is_file():
+        if "book.load(" not in document.read_text(encoding="utf-8"):
+            return None  # executed code that reads no cache entry: nothing to compare
         return "no record of the cache entries it read"
     try:
         entries: list[dict[str, Any]] = json.loads(path.read_text())
