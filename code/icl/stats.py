@@ -49,6 +49,15 @@ def cluster_bootstrap_mean_ci(values: np.ndarray, clusters: np.ndarray, n_boot: 
     return values.mean(axis=0), low, high
 
 
+def store_mean_ci(arrays: dict[str, np.ndarray], prefix: str, values: np.ndarray, n_boot: int = 2000,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`bootstrap_mean_ci` of ``values``, stored as ``arrays[prefix + ".mean" / ".lo" / ".hi"]`` (the
+    layout every chapter's bands read) and returned."""
+    mean, lo, hi = bootstrap_mean_ci(values, n_boot=n_boot, seed=seed)
+    arrays[f"{prefix}.mean"], arrays[f"{prefix}.lo"], arrays[f"{prefix}.hi"] = mean, lo, hi
+    return mean, lo, hi
+
+
 CHUNK_ELEMENTS = 1 << 24  # resampled values held at once (128 MiB of float64)
 
 

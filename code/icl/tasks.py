@@ -174,6 +174,16 @@ def suite_digest(prompts_by_task: dict[str, list[Prompt]]) -> str:
     return h.hexdigest()
 
 
+def sets_digest(sets_by_task: dict[str, dict[str, list[Prompt]]]) -> str:
+    """sha256 over several named prompt sets per task (``{task: {kind: prompts}}``), for cache keys of
+    experiments that build more than one kind of prompt per task."""
+    h = hashlib.sha256()
+    for name, sets in sets_by_task.items():
+        for kind, prompts in sets.items():
+            h.update(f"{name}:{kind}:{prompts_digest(prompts)}".encode())
+    return h.hexdigest()
+
+
 def prompt_from(task: str, xs: tuple[int, ...] | list[int], ys: tuple[int, ...] | list[int]) -> Prompt:
     """The prompt with examples ``(xs[i], ys[i])`` in order, in the suite's line format, whatever rule (or
     none) links them: a zero-shot query is ``prompt_from(task, [x], [y])``, a shuffled-label prompt

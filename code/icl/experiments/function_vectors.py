@@ -26,7 +26,6 @@ head ablation.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,11 +97,7 @@ def prompts_for(params: Params) -> dict[str, dict[str, list[tasks.Prompt]]]:
 
 
 def content_digest(params: Params) -> str:
-    h = hashlib.sha256()
-    for name, sets in prompts_for(params).items():
-        for kind, prompts in sets.items():
-            h.update(f"{name}:{kind}:{tasks.prompts_digest(prompts)}".encode())
-    return h.hexdigest()
+    return tasks.sets_digest(prompts_for(params))
 
 
 def named_heads(model: Any, n_layers: int, n_heads: int) -> tuple[list[tuple[int, int]], bool]:

@@ -75,18 +75,23 @@ def content_digest(params: Params) -> str:
     return tasks.suite_digest(prompts_for(params))
 
 
-def bootstrap_recovered(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray, n_boot: int,
-                        seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Recovered fraction (ratio of means) with a percentile bootstrap over pairs; logp [n, ...]."""
+def _recovered_boots(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray, n_boot: int,
+                     seed: int) -> np.ndarray:
+    """The recovered fraction (ratio of means) on ``n_boot`` resamples of the pairs: ``[n_boot, ...]``."""
     n = logp.shape[0]
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
     lp = logp.astype(np.float64)
     num = resampled_means(lp, idx) - logp_b[idx].mean(1).reshape((n_boot,) + (1,) * (lp.ndim - 1))
     den = (logp_a[idx].mean(1) - logp_b[idx].mean(1)).reshape((n_boot,) + (1,) * (lp.ndim - 1))
-    boots = num / den
-    lo, hi = np.quantile(boots, [0.025, 0.975], axis=0)
-    return patching.recovered(lp, logp_a, logp_b), lo, hi
+    return num / den
+
+
+def bootstrap_recovered(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray, n_boot: int,
+                        seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Recovered fraction (ratio of means) with a percentile bootstrap over pairs; logp [n, ...]."""
+    lo, hi = np.quantile(_recovered_boots(logp, logp_a, logp_b, n_boot, seed), [0.025, 0.975], axis=0)
+    return patching.recovered(logp.astype(np.float64), logp_a, logp_b), lo, hi
 
 
 def first_layer_distribution(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray, n_boot: int, seed: int,
@@ -95,13 +100,8 @@ def first_layer_distribution(logp: np.ndarray, logp_a: np.ndarray, logp_b: np.nd
     :func:`bootstrap_recovered` (same seed, same pairs), the first layer whose best query position
     recovers at least ``threshold``. ``logp`` ``[n, layers, positions]``; returns ``[layers + 1]`` shares,
     the last entry for resamples in which no layer works."""
-    n, L = logp.shape[0], logp.shape[1]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    lp = logp.astype(np.float64)
-    rec = (resampled_means(lp, idx) - logp_b[idx].mean(1)[:, None, None]) / \
-        (logp_a[idx].mean(1) - logp_b[idx].mean(1))[:, None, None]  # [boot, layers, positions]
-    works = rec.max(axis=2) >= threshold  # [boot, layers]
+    L = logp.shape[1]
+    works = _recovered_boots(logp, logp_a, logp_b, n_boot, seed).max(axis=2) >= threshold  # [boot, layers]
     first = np.where(works.any(1), works.argmax(1), L)
     return np.bincount(first, minlength=L + 1) / n_boot
 

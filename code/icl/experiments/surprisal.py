@@ -39,7 +39,7 @@ from icl import tasks
 from icl.bayes import ideal_affine_surprisal
 from icl.experiments import TASKS, between, each_int
 from icl.scoring import score_examples
-from icl.stats import bootstrap_mean_ci, cluster_bootstrap_mean_ci
+from icl.stats import bootstrap_mean_ci, cluster_bootstrap_mean_ci, store_mean_ci
 
 NAME = "surprisal"
 VERSION = 2  # 2: same-marginal controls, answer-support floor, ideal learner, carries
@@ -97,12 +97,6 @@ def content_digest(params: Params) -> str:
         [p for prompts in controls_for(params, suite).values() for p in prompts])
 
 
-def _summarise(arrays: dict[str, np.ndarray], prefix: str, values: np.ndarray, n_boot: int, seed: int) -> tuple:
-    mean, lo, hi = bootstrap_mean_ci(values, n_boot=n_boot, seed=seed)
-    arrays[f"{prefix}.mean"], arrays[f"{prefix}.lo"], arrays[f"{prefix}.hi"] = mean, lo, hi
-    return mean, lo, hi
-
-
 def _triple(m: np.ndarray, lo: np.ndarray, hi: np.ndarray, i: int = 0) -> list[float]:
     return [float(np.ravel(m)[i]), float(np.ravel(lo)[i]), float(np.ravel(hi)[i])]
 
@@ -124,10 +118,10 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
         ys = np.array([p.ys for p in prompts])
         arrays[f"{name}.x"] = xs.astype(np.int16)
         ans = scores.answer_nats
-        m, lo, hi = _summarise(arrays, f"{name}.answer_nats", ans, B, seed)
-        _summarise(arrays, f"{name}.p_correct", np.exp(-ans), B, seed)
-        em, em_lo, em_hi = _summarise(arrays, f"{name}.exact", scores.exact.astype(float), B, seed)
-        cum, cum_lo, cum_hi = _summarise(arrays, f"{name}.cum_bits", np.cumsum(ans, axis=1) / math.log(2), B, seed)
+        m, lo, hi = store_mean_ci(arrays, f"{name}.answer_nats", ans, B, seed)
+        store_mean_ci(arrays, f"{name}.p_correct", np.exp(-ans), B, seed)
+        em, em_lo, em_hi = store_mean_ci(arrays, f"{name}.exact", scores.exact.astype(float), B, seed)
+        cum, cum_lo, cum_hi = store_mean_ci(arrays, f"{name}.cum_bits", np.cumsum(ans, axis=1) / math.log(2), B, seed)
         tail = ans[:, -5:].mean(axis=1, keepdims=True)
         t, t_lo, t_hi = bootstrap_mean_ci(tail, n_boot=B, seed=seed)
         task = tasks.get_task(name)
@@ -151,7 +145,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
                                   device=model.device, progress=progress, desc=f"shuffled {name}")
             c = ctrl.answer_nats
             arrays[f"{name}.shuffled.answer_nats"] = c.astype(np.float32)
-            _summarise(arrays, f"{name}.shuffled.answer_nats_curve", c, B, seed)
+            store_mean_ci(arrays, f"{name}.shuffled.answer_nats_curve", c, B, seed)
             n = len(controls[name])
             c_tail = c[:, -5:].mean(axis=1, keepdims=True)
             diff = tail[:n] - c_tail  # paired: the same prompts, answers in or out of their places

@@ -37,7 +37,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import hashlib
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ from icl.experiments import TASKS, between, each_int, reporter
 from icl.lens import number_token_mask
 from icl.runner import LlamaStack
 from icl.scoring import encode
-from icl.stats import bootstrap_mean_ci
+from icl.stats import bootstrap_mean_ci, store_mean_ci
 
 NAME = "task_vectors"
 VERSION = 1
@@ -137,16 +136,7 @@ def prompts_for(params: Params) -> dict[str, dict[str, list[tasks.Prompt]]]:
 
 
 def content_digest(params: Params) -> str:
-    h = hashlib.sha256()
-    for name, sets in prompts_for(params).items():
-        for kind, prompts in sets.items():
-            h.update(f"{name}:{kind}:{tasks.prompts_digest(prompts)}".encode())
-    return h.hexdigest()
-
-
-def _store_ci(arrays: dict[str, np.ndarray], key: str, values: np.ndarray, n_boot: int, seed: int) -> None:
-    m, lo, hi = bootstrap_mean_ci(values, n_boot=n_boot, seed=seed)
-    arrays[f"{key}.mean"], arrays[f"{key}.lo"], arrays[f"{key}.hi"] = m, lo, hi
+    return tasks.sets_digest(prompts_for(params))
 
 
 def own_x_tokens(tokenizer, prompt: tasks.Prompt) -> list[list[int]]:
@@ -204,7 +194,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
             "logp_zero": [float(v) for v in np.ravel(np.stack(bootstrap_mean_ci(logp_0[:, None], params.n_boot,
                                                                                seed=params.seed)))],
         }
-        _store_ci(arrays, f"{name}.tv_gain", own - logp_0[:, None], params.n_boot, params.seed)
+        store_mean_ci(arrays, f"{name}.tv_gain", own - logp_0[:, None], params.n_boot, params.seed)
         if name != CONTROL:
             arrays[f"{name}.logp_ctrl_tv"] = ctrl.astype(np.float32)
             m, lo, hi = taskvec.recovered_fraction(own, logp_k[name], logp_0, params.n_boot, params.seed)
@@ -212,7 +202,7 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
             cm, clo, chi = taskvec.recovered_fraction(ctrl, logp_k[name], logp_0, params.n_boot, params.seed)
             arrays[f"{name}.ctrl_recovered.mean"], arrays[f"{name}.ctrl_recovered.lo"] = cm, clo
             arrays[f"{name}.ctrl_recovered.hi"] = chi
-            _store_ci(arrays, f"{name}.ctrl_gain", ctrl - logp_0[:, None], params.n_boot, params.seed)
+            store_mean_ci(arrays, f"{name}.ctrl_gain", ctrl - logp_0[:, None], params.n_boot, params.seed)
             best = int(np.argmax(m))
             s.update({"best_layer": best, "recovered_at_best": [float(m[best]), float(lo[best]), float(hi[best])],
                       "ctrl_recovered_at_best": [float(cm[best]), float(clo[best]), float(chi[best])],
@@ -308,12 +298,12 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
                 probe_g.append(np.repeat(np.array(rows) + 10_000 * names.index(name), len(sel)))
         arrays[f"{name}.sweep.logp"] = logp.astype(np.float32)
         arrays[f"{name}.to_own_x"] = to_own_x.mean(0)  # [L, H]
-        _store_ci(arrays, f"{name}.sweep.logp", logp, params.n_boot, params.seed)
-        _store_ci(arrays, f"{name}.sweep.number_mass", mass, params.n_boot, params.seed)
+        store_mean_ci(arrays, f"{name}.sweep.logp", logp, params.n_boot, params.seed)
+        store_mean_ci(arrays, f"{name}.sweep.number_mass", mass, params.n_boot, params.seed)
         g: dict[str, Any] = {}
         for t in params.tasks:
             arrays[f"{name}.proj_on.{t}.mean"] = proj[t].mean(0)  # [L + 1, K]
-            _store_ci(arrays, f"{name}.proj_on.{t}.at_tv", proj[t][:, tv_layer], params.n_boot, params.seed)
+            store_mean_ci(arrays, f"{name}.proj_on.{t}.at_tv", proj[t][:, tv_layer], params.n_boot, params.seed)
         if own_dir is not None:
             at = proj[name][:, tv_layer]  # [n, K]
             g["projection"] = growth.compare_shapes(ks, at, n_boot=params.n_boot // 2, seed=params.seed)
