@@ -136,6 +136,9 @@ def test_patching_pairs_align_from_the_end_with_a_bos(tok, name):
         a = pairs.a_ids[i]
         assert a[0] == BOS and list(a[-4:]) == b[1:] and len(a) == 1 + 6 * (p.k - 1) + 4
         assert int(pairs.target[i]) == _number(tok, p.ys[-1]) == first_token(tok, p.ys[-1])
+        # the whole answer is the number and the fused ")\n"; the number itself holds the last digit
+        assert [tok.decode([t]) for t in pairs.answer_ids[i]] == [str(p.ys[-1]), ")\n"]
+        assert pairs.last_digit[i] == 0
 
 
 def test_number_token_mask_holds_exactly_llama3s_number_tokens(tok):

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from icl.runner import LlamaStack, PatchingError, Restart
-from icl.scoring import encode
+from icl.scoring import _tokens_in, encode
 from icl.tasks import Prompt
 
 KINDS = ("resid_pre", "attn_out", "mlp_out")
@@ -63,6 +63,8 @@ class PatchPairs:
     target: torch.Tensor  # [n] the correct answer's first token
     xs: tuple[int, ...]  # the query's x
     ys: tuple[int, ...]  # the correct answer
+    answer_ids: tuple[tuple[int, ...], ...] = ()  # every token of each answer "y)" (target first)
+    last_digit: tuple[int, ...] = ()  # index in answer_ids of the token holding y's last digit
 
     @property
     def n(self) -> int:
@@ -74,10 +76,15 @@ def make_pairs(tokenizer, prompts: Sequence[Prompt]) -> PatchPairs:
     SmolLM2: two-digit x); prompts whose query lines tokenize differently raise :class:`PatchingError`."""
     if not prompts:
         raise PatchingError("no prompts")
-    a_all, b_all, tgt, q_lens = [], [], [], []
+    a_all, b_all, tgt, q_lens, answers, last_digit = [], [], [], [], [], []
     for p in prompts:
         enc = encode(tokenizer, p)
         first = enc.answer_tokens[-1][0]
+        answers.append(tuple(enc.ids[t] for t in enc.answer_tokens[-1]))
+        a0 = p.answer_spans[-1][0]
+        offsets = tokenizer(p.text, return_offsets_mapping=True, add_special_tokens=True)["offset_mapping"]
+        digits = _tokens_in([tuple(o) for o in offsets], a0, a0 + len(str(p.ys[-1])))
+        last_digit.append(enc.answer_tokens[-1].index(digits[-1]))
         a = enc.ids[:first]
         line_start = p.line_spans[-1][0]
         query = p.text[line_start:p.answer_spans[-1][0]]  # "(x, "
@@ -97,7 +104,61 @@ def make_pairs(tokenizer, prompts: Sequence[Prompt]) -> PatchPairs:
                             "query alignment together (e.g. only two-digit x)")
     return PatchPairs(tuple(a_all), torch.tensor(b_all, dtype=torch.long), q_lens[0],
                       torch.tensor(tgt, dtype=torch.long), tuple(p.xs[-1] for p in prompts),
-                      tuple(p.ys[-1] for p in prompts))
+                      tuple(p.ys[-1] for p in prompts), tuple(answers), tuple(last_digit))
+
+
+def _answer_matrix(pairs: PatchPairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The answers as ``[n, M]`` token ids (right-padded by repeating the last token), a ``[n, M]``
+    mask of real tokens (``M`` the longest answer) and the index of the last digit's token ``[n]``."""
+    if not pairs.answer_ids:
+        raise PatchingError("these pairs carry no answer tokens (build them with make_pairs)")
+    M = max(len(a) for a in pairs.answer_ids)
+    ids = torch.tensor([list(a) + [a[-1]] * (M - len(a)) for a in pairs.answer_ids], dtype=torch.long)
+    mask = torch.arange(M)[None] < torch.tensor([len(a) for a in pairs.answer_ids])[:, None]
+    return ids, mask, torch.tensor(pairs.last_digit, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class AnswerScores:
+    """Teacher-forced scores of the whole answer, per pair (or per pair and cell)."""
+
+    first: np.ndarray  # log P(first answer token): the metric of the first-token readouts
+    answer: np.ndarray  # log P(all answer tokens, the closing parenthesis included), teacher-forced
+    last: np.ndarray  # log P(the token holding the units digit | the tokens before it)
+    exact: np.ndarray  # bool: every answer token is the argmax given the ones before
+
+
+def _score_answers(logp: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor, last_digit: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logp`` ``[R, M, vocab]`` at the answer positions; ``answers``/``mask`` ``[R, M]``; ``last_digit``
+    ``[R]``."""
+    tok = torch.gather(logp, 2, answers[..., None])[..., 0]  # [R, M]
+    hit = (logp.argmax(-1) == answers) | ~mask
+    whole = (tok * mask).sum(1)
+    last = torch.gather(tok, 1, last_digit[:, None])[:, 0]
+    return tok[:, 0], whole, last, hit.all(1)
+
+
+@torch.inference_mode()
+def answer_scores(stack: LlamaStack, pairs: PatchPairs, z_edit: Any = None, batch_size: int = 8) -> AnswerScores:
+    """A's whole answer, teacher-forced: each A prompt is run on with its answer's tokens (all but the
+    last) and every answer token is read out. ``z_edit`` runs A with heads edited (ablated)."""
+    answers, mask, last_digit = _answer_matrix(pairs)
+    M = answers.shape[1]
+    cols: list[list[np.ndarray]] = [[], [], [], []]
+    for start in range(0, pairs.n, batch_size):
+        rows = list(range(start, min(pairs.n, start + batch_size)))
+        seqs = [list(pairs.a_ids[i]) + answers[i, : M - 1].tolist() for i in rows]
+        lens = torch.tensor([len(pairs.a_ids[i]) for i in rows])
+        ids = torch.tensor(seqs, dtype=torch.long) if len({len(x) for x in seqs}) == 1 else torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(x) for x in seqs], batch_first=True)
+        where = lens[:, None] - 1 + torch.arange(M)[None]  # [R, M] positions predicting the answer tokens
+        tr = stack.forward(ids, keep=where, keep_kv=False, z_edit=z_edit)
+        logp = torch.log_softmax(tr.logits.float(), -1)
+        got = _score_answers(logp, *(t[rows].to(logp.device) for t in (answers, mask, last_digit)))
+        for c, v in zip(cols, got):
+            c.append(v.cpu().numpy())
+    return AnswerScores(*(np.concatenate(c) for c in cols))
 
 
 def _check_grid(n_layers: int, q_len: int, layers: Sequence[int] | None,
@@ -164,13 +225,22 @@ class PatchGrid:
     argmax_b: np.ndarray  # [n]
     layers: list[int]
     positions: list[int]
+    answer: dict[str, AnswerScores] | None = None  # kind -> whole-answer scores [n, layers, positions]
+    answer_b: AnswerScores | None = None  # B unpatched, [n]
 
 
 @torch.inference_mode()
 def fast_patch(stack: LlamaStack, pairs: PatchPairs, a_acts: dict[str, torch.Tensor],
                kinds: Sequence[str] = KINDS, layers: Sequence[int] | None = None,
-               positions: Sequence[int] | None = None, max_rows: int = 2048) -> PatchGrid:
-    """The layers × query-positions patching grid, one restart per (start layer, position) group."""
+               positions: Sequence[int] | None = None, max_rows: int = 2048, whole_answer: bool = False,
+               z_edit: Any = None) -> PatchGrid:
+    """The layers × query-positions patching grid, one restart per (start layer, position) group.
+
+    With ``whole_answer``, B runs on through the correct answer's tokens (teacher-forced; the answer
+    comes after every patched position, so the patch is unchanged) and the grid also holds the
+    log-probability of the whole answer, of its last token and whether greedy decoding gets all of it
+    (``PatchGrid.answer``). ``z_edit`` runs B, and every restart, with those heads edited (the heads
+    ablated in A ablated in B as well)."""
     layers, positions = _check_grid(stack.n_layers, pairs.q_len, layers, positions)
     for kind in kinds:
         if kind not in a_acts:
@@ -181,16 +251,29 @@ def fast_patch(stack: LlamaStack, pairs: PatchPairs, a_acts: dict[str, torch.Ten
     B = pairs.b_ids.to(stack.device)
     n, T = B.shape
     off = T - pairs.q_len  # B position of query position 0
-    tr = stack.forward(B)  # all positions kept: B is short
+    M = 1
+    if whole_answer:
+        answers, mask, last_digit = (t.to(stack.device) for t in _answer_matrix(pairs))
+        M = answers.shape[1]
+        B = torch.cat([B, answers[:, : M - 1]], 1)  # teacher-forced answer after the query line
+    tr = stack.forward(B, z_edit=z_edit)  # all positions kept: B is short
     target = pairs.target.to(stack.device)
+    zeros = {"logp": np.float32, "arg": np.int64, "answer": np.float32, "last": np.float32, "exact": bool}
+    res = {name: {k: np.zeros((n, len(layers), len(positions)), dtype=dt) for k in kinds}
+           for name, dt in zeros.items()}
 
-    def readout(final: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def readout(final: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """final [R, d_model] (or [R, M, d_model] with the whole answer) -> per row: log P(target),
+        argmax at the answer's first position, and with the whole answer its log P, last token, exact."""
         logp = torch.log_softmax(stack.logits(final).float(), -1)
-        return logp[torch.arange(len(rows)), target[rows]], logp.argmax(-1)
+        if not whole_answer:
+            return logp[torch.arange(len(rows)), target[rows]], logp.argmax(-1)
+        first, whole, last, exact = _score_answers(logp, answers[rows], mask[rows], last_digit[rows])
+        return first, logp[:, 0].argmax(-1), whole, last, exact
 
-    lb, ab = readout(tr.resid_pre[-1][:, -1], torch.arange(n, device=stack.device))
-    res_logp = {k: np.zeros((n, len(layers), len(positions)), dtype=np.float32) for k in kinds}
-    res_arg = {k: np.zeros((n, len(layers), len(positions)), dtype=np.int64) for k in kinds}
+    out_b = readout(tr.resid_pre[-1][:, -M:] if whole_answer else tr.resid_pre[-1][:, -1],
+                    torch.arange(n, device=stack.device))
+    lb, ab = out_b[0], out_b[1]
     # Every cell becomes a restart (start layer, stage, position) with an edited residual; the runner
     # stacks all restarts at one position into a batch that grows layer by layer (run_restarts).
     jobs: list[Restart] = []
@@ -216,15 +299,21 @@ def fast_patch(stack: LlamaStack, pairs: PatchPairs, a_acts: dict[str, torch.Ten
                     resid[:, 0] += act[layer, :, qpos] - tr.mlp_out[layer][:, p]
                 jobs.append(Restart(start, stage, p, resid, index))
                 cells.append((kind, li, pi))
-    finals = stack.run_restarts(jobs, tr.k, tr.v, max_rows=max_rows)
-    for c0 in range(0, len(jobs), max(1, max_rows // n)):  # read out in chunks of about max_rows rows
-        block = list(range(c0, min(len(jobs), c0 + max(1, max_rows // n))))
-        lp, am = readout(torch.cat([finals[c] for c in block]), index.repeat(len(block)))
+    finals = stack.run_restarts(jobs, tr.k, tr.v, max_rows=max_rows, last=M, z_edit=z_edit)
+    per_chunk = max(1, max_rows // (n * M))  # read out in chunks of about max_rows answer positions
+    for c0 in range(0, len(jobs), per_chunk):
+        block = list(range(c0, min(len(jobs), c0 + per_chunk)))
+        got = readout(torch.cat([finals[c] for c in block]), index.repeat(len(block)))
         for j, c in enumerate(block):
             kind, li, pi = cells[c]
-            res_logp[kind][:, li, pi] = lp[j * n:(j + 1) * n].cpu().numpy()
-            res_arg[kind][:, li, pi] = am[j * n:(j + 1) * n].cpu().numpy()
-    return PatchGrid(res_logp, res_arg, lb.cpu().numpy(), ab.cpu().numpy(), layers, positions)
+            for name, v in zip(zeros, got):
+                res[name][kind][:, li, pi] = v[j * n:(j + 1) * n].cpu().numpy()
+    answer = answer_b = None
+    if whole_answer:
+        answer = {k: AnswerScores(res["logp"][k], res["answer"][k], res["last"][k], res["exact"][k]) for k in kinds}
+        answer_b = AnswerScores(*(v.cpu().numpy() for v in (out_b[0], out_b[2], out_b[3], out_b[4])))
+    return PatchGrid(res["logp"], res["arg"], lb.cpu().numpy(), ab.cpu().numpy(), layers, positions,
+                     answer, answer_b)
 
 
 def reference_patch(bridge: Any, pairs: PatchPairs, a_acts: dict[str, torch.Tensor], kind: str,

@@ -292,9 +292,11 @@ class LlamaStack:
 
     @torch.inference_mode()
     def run_restarts(self, jobs: Sequence[Restart], k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     max_rows: int = 4096) -> list[torch.Tensor]:
+                     max_rows: int = 4096, last: int = 1, z_edit: ZEdit | None = None) -> list[torch.Tensor]:
         """Run many restarts layer-synchronously and return, per job, the final residual at its last
-        position ``[rows, d_model]``.
+        position ``[rows, d_model]`` (with ``last > 1``: at its last ``last`` positions, ``[rows, last,
+        d_model]``, e.g. every position of a teacher-forced answer). ``z_edit`` edits the heads' outputs
+        in every block the restarts run (the same heads ablated as in the run the caches come from).
 
         All restarts that start at the same position share the same key/value prefix length, so they
         are stacked into one growing batch: a job joins the batch at its start layer, and from then on
@@ -324,14 +326,16 @@ class LlamaStack:
                 size += len(jobs[i].rows)
             chunks.append(current)
             for chunk in chunks:
-                self._run_chunk(pos, [jobs[i] for i in chunk], chunk, k_cache, v_cache, out)
+                self._run_chunk(pos, [jobs[i] for i in chunk], chunk, k_cache, v_cache, out, last, z_edit)
         return out  # type: ignore[return-value]
 
     def _run_chunk(self, pos: int, jobs: list[Restart], ids: list[int], k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, out: list) -> None:
+                   v_cache: torch.Tensor, out: list, last: int = 1, z_edit: ZEdit | None = None) -> None:
         S = jobs[0].resid.shape[1]
         if any(j.resid.shape[1] != S for j in jobs):
             raise PatchingError("restarts at the same position must cover the same positions")
+        if not 1 <= last <= S:
+            raise PatchingError(f"cannot return the last {last} positions of restarts that cover {S}")
         positions = torch.arange(pos, pos + S, device=self.device)[None]
         cos, sin = self.rotary(positions)  # [1, S, d_head], broadcast over rows
         x = torch.zeros(0, S, self.d_model, device=self.device, dtype=self.dtype)
@@ -352,13 +356,13 @@ class LlamaStack:
             if len(x):
                 kp = k_cache[layer][rows, :, :pos] if pos else None
                 vp = v_cache[layer][rows, :, :pos] if pos else None
-                a, _, _, _ = self.attention(layer, x, cos, sin, kp, vp)
+                a, _, _, _ = self.attention(layer, x, cos, sin, kp, vp, z_edit=z_edit)
                 x = x + a
             join("mlp", layer)
             if len(x):
                 x = x + self.mlp(layer, x)
         join("attn", self.n_layers)
-        final = x[:, -1]
+        final = x[:, -1] if last == 1 else x[:, -last:]
         start = 0
         for slot, n in order:
             out[slot] = final[start:start + n]

@@ -5,11 +5,13 @@
    (:func:`icl.ablation.last_position_ablation`), and the change in log P(correct first token) is stored
    with 95% bootstrap intervals over prompts.
 2. The notes' procedure (seed 003): find the first layer W at which patching A's residual stream into B
-   works (recovers at least ``threshold`` of the effect at some query position); zero-ablate, in A and
-   at every position, all heads of the two layers just before W (they write the stream that patching
-   found; the notes ablated layers 10 and 11 when W was 12); check A's answer; redo the patching sweep
-   from the ablated A and find the new W; record which heads' direct effects on the answer logit grew
-   (backup heads). Repeat ``iterations`` times, ablations accumulating.
+   works (recovers at least ``threshold`` of the effect on the whole answer, teacher-forced, at some
+   query position); zero-ablate, at every position, all heads of the two layers just before W (they
+   write the stream that patching found; the notes ablated layers 10 and 11 when W was 12), in A *and
+   in B*, so that the patched B cannot lean on heads the ablated A lacks; check A's answer (whole-answer
+   log-probability and exact match); redo the patching sweep from the ablated A and find the new W;
+   record which heads' direct effects on the answer logit grew (backup heads). Repeat ``iterations``
+   times, ablations accumulating. The first-token readout is kept beside the whole answer.
 
 Nothing is computed twice: each task's clean A prompts run once (their keys, values and answer-position
 residuals feed every ablation), and step 0 of the procedure, the unablated patching sweep, is exactly
@@ -36,8 +38,9 @@ from icl.runner import LlamaStack
 from icl.stats import benjamini_hochberg, bootstrap_mean_ci, first_at_least
 
 NAME = "ablation"
-VERSION = 5  # 3: one clean pass per task, step 0 read from patching; 4: BH per-head tests, random-layer
-# controls, bootstrap distribution of the first working layer; 5: the readout in chunks of rows (memory)
+VERSION = 6  # 3: one clean pass per task, step 0 read from patching; 4: BH per-head tests, random-layer
+# controls, bootstrap distribution of the first working layer; 5: the readout in chunks of rows (memory);
+# 6: the procedure on the whole answer (and exact match), the same heads ablated in B as in A
 CHAPTER = "report/05-ablation.qmd"
 USES_MODEL = True
 DESCRIPTION = "zero/mean ablation of every head at the answer position; ablate, re-patch, backup heads"
@@ -95,9 +98,10 @@ def _first_layer_summary(dist: np.ndarray) -> dict[str, Any]:
             "first_layer_range": [None if lo >= n else lo, None if hi >= n else hi]}
 
 
-def _patching_step0(params: Params, upstream: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(logp [n, layers, positions], logp_a [n], logp_b [n]) of the resid_pre grid for the procedure task
-    from the patching entry, when that entry was computed on the same pairs; else None."""
+def _patching_step0(params: Params, upstream: dict[str, Any] | None) -> dict[str, tuple[np.ndarray, ...]] | None:
+    """``{"first": ..., "answer": ...}``, each (logp [n, layers, positions], logp_a [n], logp_b [n]) of
+    the resid_pre grid for the procedure task (first token, whole answer), plus ``"exact_a"``, from the
+    patching entry, when that entry was computed on the same pairs; else None."""
     entry = (upstream or {}).get("patching")
     if entry is None:
         return None
@@ -106,8 +110,36 @@ def _patching_step0(params: Params, upstream: dict[str, Any] | None) -> tuple[np
     if (ep["n_pairs"], ep["k"], ep["seed"]) != (params.n_pairs, params.k, params.seed) or name not in ep["tasks"]:
         return None
     a = entry.arrays
-    return (a[f"{name}.resid_pre.logp"].astype(np.float64), a[f"{name}.logp_a"].astype(np.float64),
-            a[f"{name}.logp_b"].astype(np.float64))
+    if f"{name}.resid_pre.logp_answer" not in a:
+        return None
+    f64 = {k: a[f"{name}.{k}"].astype(np.float64) for k in
+           ("resid_pre.logp", "logp_a", "logp_b", "resid_pre.logp_answer", "logp_a_answer", "logp_b_answer")}
+    return {"first": (f64["resid_pre.logp"], f64["logp_a"], f64["logp_b"]),
+            "answer": (f64["resid_pre.logp_answer"], f64["logp_a_answer"], f64["logp_b_answer"]),
+            "exact_a": (a[f"{name}.exact_a"].astype(np.float64),)}
+
+
+def _mean_ci(v: np.ndarray, params: Params) -> list[float]:
+    return [float(np.asarray(x).ravel()[0]) for x in bootstrap_mean_ci(np.asarray(v, np.float64)[:, None],
+                                                                       n_boot=params.n_boot, seed=params.seed)]
+
+
+def _recovered(tag: str, grids: dict[str, tuple[np.ndarray, ...]], params: Params,
+               arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Recovered fractions of one step (first token and whole answer), their first working layers and
+    the bootstrap distribution of each."""
+    out: dict[str, Any] = {}
+    for key, suffix in (("answer", ""), ("first", "_first_token")):
+        grid, la, lb = grids[key]
+        m, lo, hi = bootstrap_recovered(grid, la, lb, params.n_boot, params.seed)
+        dist = first_layer_distribution(grid, la, lb, params.n_boot, params.seed, params.threshold)
+        name = "recovered" if key == "answer" else "recovered_first_token"
+        arrays[f"{tag}.{name}.mean"], arrays[f"{tag}.{name}.lo"], arrays[f"{tag}.{name}.hi"] = m, lo, hi
+        summary = _first_layer_summary(dist)
+        out[f"first_layer{suffix}"] = _first_working(m, params.threshold)
+        out[f"first_layer_boot{suffix}"] = summary["first_layer_boot"]
+        out[f"first_layer_range{suffix}"] = summary["first_layer_range"]
+    return out
 
 
 def compute(params: Params, model: Any, progress: bool = False,
@@ -162,37 +194,40 @@ def compute(params: Params, model: Any, progress: bool = False,
     if step0 is None:
         say(f"procedure on {name}: patching sweep before any ablation")
         acts, logp_a_t = patching.a_activations(model.bridge, tok, pairs, ["resid_pre"])
-        grid = patching.fast_patch(stack, pairs, acts, ["resid_pre"])
-        grid0, logp_a0, logp_b = grid.logp["resid_pre"], logp_a_t.numpy().astype(np.float64), grid.logp_b
+        grid = patching.fast_patch(stack, pairs, acts, ["resid_pre"], whole_answer=True)
+        a0 = patching.answer_scores(stack, pairs)
+        step0 = {"first": (grid.logp["resid_pre"], logp_a_t.numpy().astype(np.float64), grid.logp_b),
+                 "answer": (grid.answer["resid_pre"].answer, a0.answer, grid.answer_b.answer),
+                 "exact_a": (a0.exact,)}
+        from_patching = False
     else:
         say(f"procedure on {name}: patching sweep before any ablation read from the patching entry")
-        grid0, logp_a0, logp_b = step0
-    m, lo, hi = bootstrap_recovered(grid0, logp_a0, logp_b, params.n_boot, params.seed)
-    dist0 = first_layer_distribution(grid0, logp_a0, logp_b, params.n_boot, params.seed, params.threshold)
-    arrays["procedure.0.recovered.mean"], arrays["procedure.0.recovered.lo"] = m, lo
-    arrays["procedure.0.recovered.hi"] = hi
-    first = _first_working(m, params.threshold)
+        from_patching = True
+    first_steps = _recovered("procedure.0", step0, params, arrays)
+    first = first_steps["first_layer"]
     steps: list[dict[str, Any]] = [{
-        "ablated_layers": [], "first_layer": first, **_first_layer_summary(dist0),
-        "logp_a": [float(np.asarray(v).ravel()[0]) for v in
-                   bootstrap_mean_ci(logp_a0[:, None], n_boot=params.n_boot, seed=params.seed)]}]
+        "ablated_layers": [], **first_steps,
+        "logp_a_answer": _mean_ci(step0["answer"][1], params), "logp_a": _mean_ci(step0["first"][1], params),
+        "exact_a": _mean_ci(step0["exact_a"][0], params)}]
     ablated_layers: list[int] = []
     for it in range(1, params.iterations + 1):
         if first is None or first < 1:
             break
         new = [layer for layer in (first - 2, first - 1) if layer >= 0 and layer not in ablated_layers]
         ablated_layers = sorted(set(ablated_layers) | set(new))
-        say(f"procedure iteration {it}/{params.iterations}: layers {ablated_layers} ablated, patching again")
+        say(f"procedure iteration {it}/{params.iterations}: layers {ablated_layers} ablated in A and B, "
+            f"patching again")
         heads = [(layer, h) for layer in ablated_layers for h in range(stack.n_heads)]
+        edit = ablation.zero_heads_edit(heads)
         acts, logp_abl = patching.a_activations(model.bridge, tok, pairs, ["resid_pre"],
                                                 fwd_hooks=ablation.zero_heads_hook(heads))
-        runs, _ = ablation.a_runs(stack, tok, pairs, z_edit=ablation.zero_heads_edit(heads))
-        grid = patching.fast_patch(stack, pairs, acts, ["resid_pre"])
-        # normalise by the ablated A (what is being patched) and the same B
-        m, lo, hi = bootstrap_recovered(grid.logp["resid_pre"], logp_abl.numpy().astype(np.float64),
-                                        grid.logp_b, params.n_boot, params.seed)
-        dist = first_layer_distribution(grid.logp["resid_pre"], logp_abl.numpy().astype(np.float64), grid.logp_b,
-                                        params.n_boot, params.seed, params.threshold)
+        runs, _ = ablation.a_runs(stack, tok, pairs, z_edit=edit)
+        a_abl = patching.answer_scores(stack, pairs, z_edit=edit)
+        grid = patching.fast_patch(stack, pairs, acts, ["resid_pre"], whole_answer=True, z_edit=edit)
+        # normalised by the ablated A (what is patched) and the B ablated the same way
+        rec = _recovered(f"procedure.{it}", {
+            "first": (grid.logp["resid_pre"], logp_abl.numpy().astype(np.float64), grid.logp_b),
+            "answer": (grid.answer["resid_pre"].answer, a_abl.answer, grid.answer_b.answer)}, params, arrays)
         # matched controls: as many layers, in random contiguous blocks elsewhere, zeroed the same way
         controls = []
         rng = np.random.default_rng([params.seed, it])
@@ -200,12 +235,11 @@ def compute(params: Params, model: Any, progress: bool = False,
         starts = [s0 for s0 in range(stack.n_layers - width + 1) if s0 != min(ablated_layers)]
         for s0 in rng.choice(starts, size=min(params.n_controls, len(starts)), replace=False).tolist():
             block = list(range(s0, s0 + width))
-            ctrl, _ = ablation.a_runs(stack, tok, pairs, z_edit=ablation.zero_heads_edit(
+            ctrl = patching.answer_scores(stack, pairs, z_edit=ablation.zero_heads_edit(
                 [(layer, h) for layer in block for h in range(stack.n_heads)]))
-            controls.append({"layers": block, "logp_a": [float(np.asarray(v).ravel()[0]) for v in bootstrap_mean_ci(
-                ctrl.logp[:, None], n_boot=params.n_boot, seed=params.seed)]})
-        arrays[f"procedure.{it}.recovered.mean"], arrays[f"procedure.{it}.recovered.lo"] = m, lo
-        arrays[f"procedure.{it}.recovered.hi"] = hi
+            controls.append({"layers": block, "logp_a": _mean_ci(ctrl.first, params),
+                             "logp_a_answer": _mean_ci(ctrl.answer, params),
+                             "exact_a": _mean_ci(ctrl.exact, params)})
         change = runs.direct - clean.direct  # [n, layers, heads]
         cm, clo, chi = bootstrap_mean_ci(change, n_boot=params.n_boot, seed=params.seed)
         arrays[f"procedure.{it}.direct_change.mean"], arrays[f"procedure.{it}.direct_change.lo"] = cm, clo
@@ -213,14 +247,16 @@ def compute(params: Params, model: Any, progress: bool = False,
         later = cm.copy()
         later[: max(ablated_layers) + 1] = -np.inf
         order = np.argsort(-later, axis=None)[:5]
-        first = _first_working(m, params.threshold)
+        first = rec["first_layer"]
         steps.append({
             "ablated_layers": list(ablated_layers),
-            "first_layer": first,
-            "logp_a": [float(np.asarray(v).ravel()[0]) for v in
-                       bootstrap_mean_ci(logp_abl.numpy()[:, None], n_boot=params.n_boot, seed=params.seed)],
-            "runner_matches_bridge": float(np.abs(runs.logp - logp_abl.numpy()).max()),
-            **_first_layer_summary(dist),
+            **rec,
+            "logp_a": _mean_ci(logp_abl.numpy(), params),
+            "logp_a_answer": _mean_ci(a_abl.answer, params),
+            "exact_a": _mean_ci(a_abl.exact, params),
+            "logp_b_answer": _mean_ci(grid.answer_b.answer, params),
+            "runner_matches_bridge": float(max(np.abs(runs.logp - logp_abl.numpy()).max(),
+                                               np.abs(a_abl.first - logp_abl.numpy()).max())),
             "random_layer_controls": controls,
             "backup_heads": [[int(i // stack.n_heads), int(i % stack.n_heads), float(cm.flat[i]),
                               float(clo.flat[i]), float(chi.flat[i])] for i in order],
@@ -228,5 +264,5 @@ def compute(params: Params, model: Any, progress: bool = False,
     data = {"model": model.spec.name, "n_layers": stack.n_layers, "n_heads": stack.n_heads,
             "n_kv_heads": stack.n_kv, "n_pairs": params.n_pairs, "k": params.k, "seed": params.seed,
             "threshold": params.threshold, "tasks": summary, "procedure_task": name, "procedure": steps,
-            "step0_from_patching": step0 is not None}
+            "step0_from_patching": from_patching}
     return arrays, data

@@ -13,6 +13,13 @@ patch ``[pairs, layers, positions]``, A's and B's own values, the fraction of th
 (ratio of means) with 95% bootstrap intervals over pairs, and how often B's argmax after the patch is
 the first token of the correct answer, of ``2x`` and of ``x`` (copying): its first digit for SmolLM2,
 the whole number for Llama-3 (whose numbers up to 999 are one token each).
+
+The first token is a weak readout (for ``x + 1`` it is usually the first digit of ``x`` too), so B also
+runs on through the correct answer, teacher-forced, and every cell stores the log-probability of the
+**whole answer** (``y)``, all its tokens), of its **last digit**, and whether greedy decoding gets the
+whole answer right, with the same recovered fractions. Their baselines: the rule-agnostic floor
+``-log |Y|`` over the answers two-digit queries can have, the share of the commonest answer (exact
+match of a constant guess), and for ``y = x + b`` the pairs whose answer carries, reported apart.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from icl.runner import LlamaStack
 from icl.stats import first_at_least, resampled_means
 
 NAME = "patching"
-VERSION = 3  # 3: base rates of the first-token readouts and the pairs that tell answer from copy
+VERSION = 4  # 3: base rates of the first-token readouts and the pairs that tell answer from copy;
+# 4: whole-answer and last-digit log-probabilities and exact match, teacher-forced, with their baselines
 CHAPTER = "report/04-patching.qmd"
 USES_MODEL = True
 DESCRIPTION = "activation patching A (k examples) -> B (query only): resid/attn/MLP, layers x query positions"
@@ -110,6 +118,47 @@ def first_token(tokenizer, number: int) -> int:
     return int(tokenizer(str(number), add_special_tokens=False)["input_ids"][0])
 
 
+def _first_working_layer(m: np.ndarray, layers: list[int], threshold: float) -> int | None:
+    first = first_at_least(m.max(axis=1), threshold)  # best query position per layer
+    return int(layers[first]) if first is not None else None
+
+
+def summarise_answers(tag: str, grid: patching.PatchGrid, a: patching.AnswerScores, params: Params,
+                      arrays: dict[str, np.ndarray], split: np.ndarray | None = None) -> dict[str, Any]:
+    """Whole-answer and last-digit recovered fractions and exact match of every kind of patch; with
+    ``split`` (a bool per pair, e.g. carries) the residual grid's whole-answer fraction on each part."""
+    assert grid.answer is not None and grid.answer_b is not None
+    out: dict[str, Any] = {}
+    b = grid.answer_b
+    for key in ("answer", "last"):
+        arrays[f"{tag}.logp_a_{key}"] = getattr(a, key).astype(np.float32)
+        arrays[f"{tag}.logp_b_{key}"] = getattr(b, key).astype(np.float32)
+    arrays[f"{tag}.exact_a"], arrays[f"{tag}.exact_b"] = a.exact, b.exact
+    for kind, sc in grid.answer.items():
+        arrays[f"{tag}.{kind}.logp_answer"] = sc.answer.astype(np.float32)
+        arrays[f"{tag}.{kind}.exact"] = sc.exact.mean(0)  # [layers, positions]
+        out[kind] = {}
+        for key in ("answer", "last"):
+            m, lo, hi = bootstrap_recovered(getattr(sc, key), getattr(a, key).astype(np.float64),
+                                            getattr(b, key).astype(np.float64), params.n_boot, params.seed)
+            arrays[f"{tag}.{kind}.recovered_{key}.mean"], arrays[f"{tag}.{kind}.recovered_{key}.lo"] = m, lo
+            arrays[f"{tag}.{kind}.recovered_{key}.hi"] = hi
+            out[kind][f"first_layer_{key}"] = _first_working_layer(m, grid.layers, params.threshold)
+            out[kind][f"max_recovered_{key}"] = float(m.max())
+        out[kind]["max_exact"] = float(sc.exact.mean(0).max())
+    if split is not None:
+        sc = grid.answer["resid_pre"]
+        for part, rows in (("carry", split), ("no_carry", ~split)):
+            if rows.sum() >= 2:
+                m, lo, hi = bootstrap_recovered(sc.answer[rows], a.answer[rows].astype(np.float64),
+                                                b.answer[rows].astype(np.float64), params.n_boot, params.seed)
+                arrays[f"{tag}.resid_pre.recovered_answer.{part}.mean"] = m
+                arrays[f"{tag}.resid_pre.recovered_answer.{part}.lo"] = lo
+                arrays[f"{tag}.resid_pre.recovered_answer.{part}.hi"] = hi
+                arrays[f"{tag}.resid_pre.exact.{part}"] = sc.exact[rows].mean(0)
+    return out
+
+
 def summarise_grid(tag: str, grid: patching.PatchGrid, logp_a: np.ndarray, targets: dict[str, np.ndarray],
                    params: Params, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """Store one grid's arrays under ``tag`` and return its JSON summary."""
@@ -147,13 +196,32 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
             f"layer and query position")
         pairs = patching.make_pairs(tok, prompts)
         acts, logp_a = patching.a_activations(model.bridge, tok, pairs)
-        grid = patching.fast_patch(stack, pairs, acts)
+        grid = patching.fast_patch(stack, pairs, acts, whole_answer=True)
+        a_answer = patching.answer_scores(stack, pairs)
         xs = np.array(pairs.xs)
         targets = {"y": pairs.target.numpy(),
                    "2x": np.array([first_token(tok, 2 * x) for x in xs]),
                    "x": np.array([first_token(tok, x) for x in xs])}
         arrays[f"{name}.logp_a"] = logp_a.numpy().astype(np.float32)
         s = summarise_grid(name, grid, logp_a.numpy().astype(np.float64), targets, params, arrays)
+        carry = tasks.carries(name, xs)
+        if carry is not None:
+            arrays[f"{name}.carry"] = carry
+        whole = summarise_answers(name, grid, a_answer, params, arrays, carry)
+        for kind in whole:
+            s[kind].update(whole[kind])
+        task = tasks.get_task(name)
+        two_digit = np.arange(max(10, task.x_min), task.x_max + 1)
+        ys = np.array(pairs.ys)
+        s["answer"] = {"logp_a": float(a_answer.answer.mean()), "logp_b": float(grid.answer_b.answer.mean()),
+                       "logp_a_last": float(a_answer.last.mean()), "logp_b_last": float(grid.answer_b.last.mean()),
+                       "exact_a": float(a_answer.exact.mean()), "exact_b": float(grid.answer_b.exact.mean()),
+                       # a reader who knows only which answers two-digit queries can have
+                       "floor_logp": -float(np.log(tasks.answer_support(task) if task.random_rule else
+                                                   len(np.unique(task.a * two_digit + task.b)))),
+                       "modal_answer": float((ys == np.bincount(ys).argmax()).mean()),
+                       "n_carry": None if carry is None else int(carry.sum()),
+                       "runner_matches_bridge": float(np.abs(a_answer.first - logp_a.numpy()).max())}
         arrays[f"{name}.argmax_b_y"] = np.array((grid.argmax_b == targets["y"]).mean())
         s["logp_a"] = float(logp_a.mean())
         s["logp_b"] = float(grid.logp_b.mean())
