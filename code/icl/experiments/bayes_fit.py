@@ -5,6 +5,12 @@ parameters). For each task we fit ``logit p_{n+1} = alpha + n * beta`` (:mod:`ic
 probabilities of the correct answer, with 95% bootstrap intervals over prompts for ``A_0`` and ``c``,
 and compare it with ``S_k = a k^(-b)`` in-sample and on held-out examples: both are fitted on the first
 half of the examples and scored on the second half.
+
+The fitted evidence per example ``beta = log(c / (1 - c))`` needs a reference: the same two-hypothesis
+model is fitted to the *ideal learner* of the ``surprisal`` experiment (the exact Bayesian learner of
+the affine rule family, on the same prompts), whose evidence per example is about ``log |Y|`` once the
+first example has picked out the rule. The ratio of the two, with a bootstrap over prompts that
+resamples both on the same prompts, says how many examples the model needs for one of the ideal's.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from icl import bayes, tasks
 from icl.experiments import between
 
 NAME = "bayes_fit"
-VERSION = 1
+VERSION = 2  # 2: the same fit to the ideal learner, and the model-to-ideal ratio of the evidence per example
 CHAPTER = "report/02-bayes.qmd"
 USES_MODEL = False
 DEPENDS = ("surprisal",)
@@ -96,15 +102,43 @@ def analyse(answer_nats: np.ndarray, n_boot: int, seed: int) -> tuple[dict[str, 
     return out, curves
 
 
+def ideal_comparison(answer_nats: np.ndarray, ideal_nats: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """The two-hypothesis fit to the ideal learner's probabilities and the ratio of the evidence per
+    example, ideal over model, with a paired bootstrap over prompts (both ``[n_prompts, K]``)."""
+    p_model, p_ideal = np.exp(-answer_nats.astype(float)), np.exp(-ideal_nats.astype(float))
+    n, big_k = p_model.shape
+    seen = np.arange(big_k)
+    fit_i, fit_m = bayes.fit_logistic(p_ideal, seen), bayes.fit_logistic(p_model, seen)
+    rng = np.random.default_rng([seed, 1])
+    boot = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        bi, bm = bayes.fit_logistic(p_ideal[idx], seen).beta, bayes.fit_logistic(p_model[idx], seen).beta
+        boot.append((bi, bi / bm if bm > 0 else np.inf))
+    boot_arr = np.array(boot)
+    return {"beta": fit_i.beta, "beta_ci": _ci(boot_arr[:, 0]), "c": fit_i.c, "a0": fit_i.a0,
+            "ratio": fit_i.beta / fit_m.beta if fit_m.beta > 0 else None,
+            "ratio_ci": _ci(boot_arr[:, 1]) if np.isfinite(boot_arr[:, 1]).all() else None}
+
+
 def compute(params: Params, model: Any, progress: bool = False,
             upstream: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     source = upstream["surprisal"]
-    order = source.key_inputs["params"]["tasks"]
+    sp = source.key_inputs["params"]
+    order = sp["tasks"]
     arrays: dict[str, np.ndarray] = {}
     fits: dict[str, Any] = {}
     for name in order:
         fit, curves = analyse(source.arrays[f"{name}.answer_nats"], params.n_boot, params.seed)
-        fit["rule"] = tasks.get_task(name).rule
+        task = tasks.get_task(name)
+        fit["rule"] = task.rule
+        if not task.random_rule:  # the ideal learner of the rule family, on the same prompts
+            xs = source.arrays[f"{name}.x"].astype(np.int64)
+            ideal = bayes.ideal_affine_surprisal(xs, task.a * xs + task.b, sp["ideal_slopes"],
+                                                 sp["ideal_intercepts"], sp["ideal_y_max"])
+            fit["ideal"] = ideal_comparison(source.arrays[f"{name}.answer_nats"], ideal, params.n_boot,
+                                            params.seed)
+            fit["ideal"]["log_support"] = float(np.log(sp["ideal_y_max"] + 1))  # log |Y| of "no rule"
         fits[name] = fit
         for key, value in curves.items():
             arrays[f"{name}.{key}"] = np.asarray(value, dtype=np.float64)
