@@ -90,3 +90,15 @@ def test_benjamini_hochberg_controls_false_discoveries_under_the_null():
     rng = np.random.default_rng(0)
     false = [benjamini_hochberg(rng.uniform(size=200), 0.05)[0].any() for _ in range(200)]
     assert np.mean(false) < 0.1  # under the global null BH controls the family-wise rate at q
+
+
+def test_first_at_least_range_brackets_a_planted_crossing():
+    from icl.stats import first_at_least_range
+
+    rng = np.random.default_rng(0)
+    curve = np.clip(np.linspace(-0.2, 1.2, 15), 0, 1)  # 0.1 apart: the mean crosses 0.5 at index 7
+    values = (rng.random((400, 15)) < curve).astype(float)
+    dist, (lo, hi) = first_at_least_range(values, 0.5, n_boot=500, seed=1)
+    assert dist.sum() == pytest.approx(1.0) and 6 <= lo <= 7 <= hi <= 8
+    never = first_at_least_range(np.zeros((20, 4)), 0.5, n_boot=50)
+    assert never[1] == [None, None] and never[0][-1] == 1.0

@@ -84,6 +84,23 @@ def first_at_least(values: np.ndarray, threshold: float) -> int | None:
     return int(hits[0]) if len(hits) else None
 
 
+def first_at_least_range(values: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> tuple[np.ndarray, list[int | None]]:
+    """The bootstrap distribution of :func:`first_at_least` applied to the mean curve of ``values``
+    ``[n, L]`` (resampling the ``n`` rows), and its central ``level`` range. Returns ``[L + 1]`` shares
+    (the last one: resamples in which no entry reaches ``threshold``) and ``[lo, hi]``, None standing
+    for "none reaches it". A derived quantity such as "the first layer where X" gets its interval so."""
+    values = np.asarray(values, dtype=np.float64)
+    n, L = values.shape
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    reached = resampled_means(values, idx) >= threshold  # [n_boot, L]
+    first = np.where(reached.any(1), reached.argmax(1), L)
+    dist = np.bincount(first, minlength=L + 1) / n_boot
+    cum = np.cumsum(dist)
+    lo, hi = int(np.searchsorted(cum, (1 - level) / 2)), int(np.searchsorted(cum, 1 - (1 - level) / 2))
+    return dist, [None if lo >= L else lo, None if hi >= L else hi]
+
+
 def benjamini_hochberg(p_values: np.ndarray, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Benjamini–Hochberg control of the false discovery rate at ``q`` over a family of tests.
 

@@ -22,10 +22,10 @@ from icl.experiments import TASKS, between, reporter
 from icl.lens import answer_lens
 from icl.runner import LlamaStack
 from icl.scoring import encode
-from icl.stats import bootstrap_mean_ci, first_at_least
+from icl.stats import bootstrap_mean_ci, first_at_least, first_at_least_range
 
 NAME = "logit_lens"
-VERSION = 2  # 2: base rates (modal first token, answer support) beside every accuracy
+VERSION = 3  # 2: base rates (modal first token, answer support) beside every accuracy; 3: bootstrap ranges of the first layers
 CHAPTER = "report/03-logit-lens.qmd"
 USES_MODEL = True
 DESCRIPTION = "logit lens at the answer position: P(correct first token), rank, number-token mass per layer"
@@ -108,6 +108,10 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
             "rule": tasks.get_task(name).rule,
             "number_layer": is_number,  # first layer where > half the mass is on number tokens
             "right_layer": is_right,  # first layer where the correct first token is top-1 in > half the prompts
+            # 95% bootstrap ranges of the two first layers (resampling prompts)
+            "number_layer_range": first_at_least_range(res.number_mass, 0.5, params.n_boot, params.seed)[1],
+            "right_layer_range": first_at_least_range((res.rank_first == 0).astype(float), 0.5, params.n_boot,
+                                                      params.seed)[1],
             "p_half_layer": first_layer(curves["p_first"], 0.5),
             "final_p_first": float(curves["p_first"][-1]),
             "final_top1": float(curves["top1"][-1]),
