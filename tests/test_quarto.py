@@ -53,6 +53,15 @@ def test_book_files_follow_parts_and_appendices(tmp_path):
         "index.qmd", "report/results.qmd", "report/appendix.qmd"]
 
 
+def test_a_part_page_is_a_book_file(tmp_path):
+    root = book(tmp_path, "# R\n")
+    cfg = (root / "_quarto.yml").read_text().replace('part: "Results"', "part: report/part.qmd")
+    (root / "_quarto.yml").write_text(cfg)
+    write(root / "report" / "part.qmd", "# Results {.unnumbered}\n")
+    assert [p.relative_to(root).as_posix() for p in quarto.book_files(root)] == [
+        "index.qmd", "report/part.qmd", "report/results.qmd", "report/appendix.qmd"]
+
+
 def test_clean_sources_have_no_problems(tmp_path):
     root = book(tmp_path, "# R\n\nAs @fig-a shows, with $k = 3$ and `{python} math(r\"k = \", k)`.\n\n"
                 + figure("fig-a"))

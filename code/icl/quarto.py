@@ -110,7 +110,8 @@ def log_problems(log: str) -> list[str]:
 
 
 def book_files(root: Path) -> list[Path]:
-    """The ``.qmd`` files of ``book.chapters`` and ``book.appendices`` in ``_quarto.yml``, in order."""
+    """The ``.qmd`` files of ``book.chapters`` and ``book.appendices`` in ``_quarto.yml``, part pages
+    included, in order."""
     try:
         config = yaml.safe_load((root / "_quarto.yml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -124,6 +125,8 @@ def book_files(root: Path) -> list[Path]:
             elif isinstance(item, dict):
                 if isinstance(item.get("href"), str):
                     yield item["href"]
+                if isinstance(item.get("part"), str) and item["part"].endswith(".qmd"):
+                    yield item["part"]  # a part page (its title and text open the part)
                 yield from walk(item.get("chapters"))
 
     return [root / rel for rel in [*walk(book.get("chapters")), *walk(book.get("appendices"))]
