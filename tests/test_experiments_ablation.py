@@ -22,7 +22,7 @@ def test_runs_and_records_the_procedure(tiny_llama, small):
     assert len(steps) > 1  # the threshold is low enough for the procedure to ablate something
     for step in steps[1:]:
         assert step["ablated_layers"] and step["runner_matches_bridge"] < 1e-4
-        assert arrays["procedure.1.recovered_first_token.mean"].shape == (3, 5)
+        assert arrays["procedure.1.recovered_answer.mean"].shape == (3, 5)
         assert 0 <= step["exact_a"][0] <= 1 and step["logp_a_answer"][0] < step["logp_a"][0] + 1e-6
     with pytest.raises(ValueError):
         experiments.make_params(exp, {"procedure_task": "identity"})

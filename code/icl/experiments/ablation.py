@@ -5,13 +5,15 @@
    (:func:`icl.ablation.last_position_ablation`), and the change in log P(correct first token) is stored
    with 95% bootstrap intervals over prompts.
 2. The notes' procedure (seed 003): find the first layer W at which patching A's residual stream into B
-   works (recovers at least ``threshold`` of the effect on the whole answer, teacher-forced, at some
-   query position); zero-ablate, at every position, all heads of the two layers just before W (they
+   works (recovers at least ``threshold`` of the effect on the answer's first token, the notes'
+   readout, at some query position: a single patched position never recovers half of the effect on
+   the whole answer, see the patching experiment); zero-ablate, at every position, all heads of the two layers just before W (they
    write the stream that patching found; the notes ablated layers 10 and 11 when W was 12), in A *and
    in B*, so that the patched B cannot lean on heads the ablated A lacks; check A's answer (whole-answer
    log-probability and exact match); redo the patching sweep from the ablated A and find the new W;
    record which heads' direct effects on the answer logit grew (backup heads). Repeat ``iterations``
-   times, ablations accumulating. The first-token readout is kept beside the whole answer.
+   times, ablations accumulating. Every step also reports the whole answer (teacher-forced): its
+   recovered fraction, A's log-probability of it and A's exact match.
 
 Nothing is computed twice: each task's clean A prompts run once (their keys, values and answer-position
 residuals feed every ablation), and step 0 of the procedure, the unablated patching sweep, is exactly
@@ -40,7 +42,7 @@ from icl.stats import benjamini_hochberg, bootstrap_mean_ci, first_at_least
 NAME = "ablation"
 VERSION = 6  # 3: one clean pass per task, step 0 read from patching; 4: BH per-head tests, random-layer
 # controls, bootstrap distribution of the first working layer; 5: the readout in chunks of rows (memory);
-# 6: the procedure on the whole answer (and exact match), the same heads ablated in B as in A
+# 6: the whole answer (and exact match) beside the first token, the same heads ablated in B as in A
 CHAPTER = "report/05-ablation.qmd"
 USES_MODEL = True
 DESCRIPTION = "zero/mean ablation of every head at the answer position; ablate, re-patch, backup heads"
@@ -126,14 +128,15 @@ def _mean_ci(v: np.ndarray, params: Params) -> list[float]:
 
 def _recovered(tag: str, grids: dict[str, tuple[np.ndarray, ...]], params: Params,
                arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Recovered fractions of one step (first token and whole answer), their first working layers and
-    the bootstrap distribution of each."""
+    """Recovered fractions of one step (first token: ``recovered``, ``first_layer``; whole answer:
+    ``recovered_answer``, ``first_layer_answer``), their first working layers and the bootstrap
+    distribution of each."""
     out: dict[str, Any] = {}
-    for key, suffix in (("answer", ""), ("first", "_first_token")):
+    for key, suffix in (("first", ""), ("answer", "_answer")):
         grid, la, lb = grids[key]
         m, lo, hi = bootstrap_recovered(grid, la, lb, params.n_boot, params.seed)
         dist = first_layer_distribution(grid, la, lb, params.n_boot, params.seed, params.threshold)
-        name = "recovered" if key == "answer" else "recovered_first_token"
+        name = f"recovered{suffix}"
         arrays[f"{tag}.{name}.mean"], arrays[f"{tag}.{name}.lo"], arrays[f"{tag}.{name}.hi"] = m, lo, hi
         summary = _first_layer_summary(dist)
         out[f"first_layer{suffix}"] = _first_working(m, params.threshold)
