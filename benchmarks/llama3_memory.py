@@ -69,6 +69,12 @@ SMALL: dict[str, dict] = {
     "induction_heads": {"set": {"n_seqs": "8", "tasks": "plus-1", "n_prompts": "8", "n_boot": "20"},
                         "units": (50 + 3 * 50) / (8 + 8)},
     "icl_score": {"set": {"n_windows": "4", "n_boot": "20"}, "units": 128 / 4},
+    # batch_size stays at its default (8), so one batch has the default run's shape
+    "task_vectors": {"set": {"tasks": "plus-1,identity", "control": "plus-1", "n_prompts": "8", "n_sweep": "8",
+                             "n_cross": "8", "n_boot": "20"}, "units": 4 * (40 + 24 + 16) / (2 * (8 + 8 + 8))},
+    "function_vectors": {"set": {"tasks": "plus-1,double", "n_clean": "8", "n_corrupt": "8", "n_random": "1",
+                                 "n_ablate": "8", "n_boot": "20"},
+                         "units": (4 * (24 + 8) + 2 * 8 * 3) / (2 * (8 + 8) + 2 * 8 * 2)},
 }
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2)
 
