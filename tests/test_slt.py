@@ -167,3 +167,58 @@ def test_grouped_chains_are_separate_estimates():
     assert small_big[1].llc > 1.25 * small_big[0].llc
     with pytest.raises(ValueError):
         slt.grouped_full_loss([built[0][0], slt.monomial_regression((1,), 100, 0)[0]], 2)
+
+
+# ------------------------------------------------------------------------------------ curvature controls
+
+def _quadratic(d: int = 12, seed: int = 0):
+    """A planted PSD Hessian and a loss whose per-sample Hessians average to it."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(200, d, generator=gen, dtype=torch.float64)
+    A = X.T @ X / 200  # [d, d]
+    w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+
+    def batch_loss(idx):  # ½ mean_i (x_i · w)² + a linear term (no effect on the Hessian)
+        return 0.5 * ((X[idx] @ w) ** 2).mean() + w.sum()
+
+    return X, A, w, batch_loss
+
+
+def test_hutchinson_trace_is_unbiased_for_the_planted_hessian():
+    X, A, w, batch_loss = _quadratic()
+    est = slt.hutchinson_trace(batch_loss, [w], 200, num_probes=400, batch_size=50, seed=1)
+    se = est.std(ddof=1) / math.sqrt(len(est))
+    assert abs(est.mean() - float(torch.trace(A))) < 4 * se
+    assert se < 0.05 * float(torch.trace(A))
+    # with the whole sample and many probes the estimate is exact per probe on a diagonal Hessian
+    D = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    v = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    exact = slt.hutchinson_trace(lambda idx: 0.5 * v @ D @ v, [v], 1, num_probes=3, batch_size=1)
+    assert np.allclose(exact, 15.0)
+
+
+def test_power_iteration_finds_the_largest_eigenvalue():
+    _, A, w, batch_loss = _quadratic()
+    rq = slt.top_hessian_eigenvalue(lambda: batch_loss(torch.arange(200)), [w], iters=60, seed=0)
+    top = float(torch.linalg.eigvalsh(A)[-1])
+    assert rq[-1] == pytest.approx(top, rel=1e-3)
+    assert rq[0] < rq[-1] + 1e-12  # the Rayleigh quotient only climbs towards it
+
+
+def test_focused_nodes_resolve_a_narrow_peak_inside_the_interval():
+    x, w = slt.focused_nodes(0.2, 1.0, 0.6)
+    assert x.min() >= 0.2 and x.max() <= 1.0 and np.all(w > 0)
+    assert w.sum() == pytest.approx(0.8, rel=1e-12)
+    for s in (1e-2, 1e-4, 1e-6):  # ∫ exp(-(x-0.6)²/(2s²)) dx = s √(2π), whatever the width
+        val = np.sum(w * np.exp(-(x - 0.6) ** 2 / (2 * s ** 2)))
+        assert val == pytest.approx(s * math.sqrt(2 * math.pi), rel=1e-9)
+
+
+def test_region_free_energy_of_a_gaussian_and_its_energy():
+    """K = (a² + b²)/2 on [0, 1]²: Z_n → π/(2n) and E_n[K] → 1/n (two quadratic directions)."""
+    nodes = slt.graded_nodes()
+    ns = [1e3, 1e5]
+    F, E = slt.region_free_energy(lambda a, b: 0.5 * (a ** 2 + b ** 2), nodes, nodes, ns)
+    for n, f, e in zip(ns, F, E):
+        assert f == pytest.approx(-math.log(math.pi / (2 * n)), abs=1e-9)
+        assert e == pytest.approx(1 / n, rel=1e-9)

@@ -480,3 +480,87 @@ def reduced_rank_regression(M: int, N: int, H: int, r: int, n: int, seed: int
 
     w_star = torch.cat([A0.reshape(-1), B0.reshape(-1)])
     return RegressionData(x, y, stats, _rrr_full), w_star, loss
+
+
+# ------------------------------------------------------------------------------------ curvature controls
+
+def _hvp(loss: torch.Tensor, params: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``H v`` of a scalar ``loss`` with respect to ``params`` by double backward (Pearlmutter's trick)."""
+    grads = torch.autograd.grad(loss, list(params), create_graph=True)
+    dot = sum((g * vi).sum() for g, vi in zip(grads, v))
+    return [h.detach() for h in torch.autograd.grad(dot, list(params))]
+
+
+def hutchinson_trace(batch_loss: Callable[[torch.Tensor], torch.Tensor], params: Sequence[torch.Tensor], n: int,
+                     *, num_probes: int = 16, batch_size: int = 64, seed: int = 0) -> np.ndarray:
+    """Per-probe Hutchinson estimates of ``tr ∇²L_n`` at the current ``params``: ``[num_probes]``.
+
+    ``batch_loss(idx)`` is the mean loss over the samples ``idx`` (a differentiable scalar). Each probe
+    draws a Rademacher vector ``v`` and its own minibatch of ``batch_size`` of the ``n`` samples and
+    returns ``vᵀ ∇²L_m v``; since ``E[v vᵀ] = I`` and the minibatch mean is unbiased for ``L_n``, each
+    estimate is unbiased for ``tr ∇²L_n`` and the probes are independent, so their spread gives the
+    interval. Intuition: the trace is the sum of the curvatures along every direction, which the
+    random ±1 probe samples all at once."""
+    gen = torch.Generator().manual_seed(seed)
+    out = np.empty(num_probes)
+    for i in range(num_probes):
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        v = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype) for p in params]
+        hv = _hvp(batch_loss(idx), params, v)
+        out[i] = float(sum((h.double() * vi.double()).sum() for h, vi in zip(hv, v)))
+    return out
+
+
+def top_hessian_eigenvalue(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], *,
+                           iters: int = 15, seed: int = 0) -> np.ndarray:
+    """Power iteration on ``∇² loss_fn()`` (one fixed loss, e.g. on a fixed minibatch): the Rayleigh
+    quotient after each iteration, ``[iters]`` (the last is the estimate of the eigenvalue of largest
+    magnitude; the sequence shows whether it has settled)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    out = np.empty(iters)
+    for i in range(iters):
+        norm = torch.sqrt(sum((vi.double() ** 2).sum() for vi in v))
+        v = [vi / norm.to(vi.dtype) for vi in v]
+        hv = _hvp(loss_fn(), params, v)
+        out[i] = float(sum((h.double() * vi.double()).sum() for h, vi in zip(hv, v)))
+        v = hv
+    return out
+
+
+# ------------------------------------------------------------------------------- phases with exact evidence
+
+def focused_nodes(lo: float, hi: float, focus: float, **node_kw) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss–Legendre nodes and weights on ``[lo, hi]`` graded geometrically towards ``focus`` (from
+    both sides when it lies inside), so an integrand concentrated within any scale of ``focus``
+    is resolved. Returns ``x [N]``, ``w [N]``."""
+    x, w = graded_nodes(**node_kw)
+    xs, ws = [], []
+    if focus > lo:
+        xs.append(focus - (focus - lo) * x[::-1])
+        ws.append((focus - lo) * w[::-1])
+    if focus < hi:
+        xs.append(focus + (hi - focus) * x)
+        ws.append((hi - focus) * w)
+    return np.concatenate(xs), np.concatenate(ws)
+
+
+def region_free_energy(K: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                       a_nodes: tuple[np.ndarray, np.ndarray], b_nodes: tuple[np.ndarray, np.ndarray],
+                       ns: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Free energy ``F_n(W) = −log ∫_W exp(−n K) dw`` of a rectangular region ``W`` (the product of
+    the two node sets; prior density 1) and the posterior mean ``E_n[K | W]``, for each ``n``:
+    ``([len(ns)], [len(ns)])``. ``E_n[K]`` is ``dF_n/dn``, the "energy" whose jump at a crossing of two
+    phases' free energies makes the transition first-order."""
+    (xa, wa), (xb, wb) = a_nodes, b_nodes
+    A, B = np.meshgrid(xa, xb, indexing="ij")  # [Na, Nb]
+    kk = K(A, B)
+    logw = np.log(wa)[:, None] + np.log(wb)[None, :]
+    F, E = np.empty(len(ns)), np.empty(len(ns))
+    for i, n in enumerate(ns):
+        lp = -n * kk + logw
+        m = lp.max()
+        p = np.exp(lp - m)
+        F[i] = -(m + np.log(p.sum()))
+        E[i] = float((p * kk).sum() / p.sum())
+    return F, E

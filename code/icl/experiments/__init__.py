@@ -61,6 +61,8 @@ REGISTRY: dict[str, str] = {
     "slt_free_energy": "icl.experiments.slt_free_energy",
     "slt_llc": "icl.experiments.slt_llc",
     "llc_phase_change": "icl.experiments.llc_phase_change",
+    "llc_operating_point": "icl.experiments.llc_operating_point",
+    "slt_phase_toy": "icl.experiments.slt_phase_toy",
 }
 
 

@@ -115,6 +115,21 @@ def same_training(q: pc.Params) -> bool:
     return dataclasses.replace(q, checkpoints=_PC.checkpoints) == _PC
 
 
+def reference_checkpoints(ckpt_steps: Any, transition: dict[str, Any]) -> dict[str, int]:
+    """The one definition of "before", "at" and "after" the phase change that the book uses.
+
+    ``before``: the last checkpoint strictly before the onset of the transition window (where the
+    induction score has risen 10% of the way); ``at``: the checkpoint nearest the midpoint (50%; the
+    earlier of two equally near); ``after``: the last checkpoint. A single checkpoint each, never a
+    maximum over several: the largest of several noisy estimates is biased upwards."""
+    steps = sorted(int(s) for s in ckpt_steps)
+    before = [s for s in steps if s < int(transition["onset"])]
+    if not before:
+        raise ValueError("no checkpoint before the onset of the transition")
+    mid = int(transition["step"])
+    return {"before": before[-1], "at": min(steps, key=lambda s: (abs(s - mid), s)), "after": steps[-1]}
+
+
 def llc_sample(p: Params, data: tm.MarkovRepeatData) -> torch.Tensor:
     """The fixed sample of ``n`` training-distribution sequences that defines ``L_n``: ``[n, n_ctx]``."""
     return data.sample(p.n, torch.Generator().manual_seed(30_000 + p.seed))[0]
