@@ -51,7 +51,7 @@ import torch
 
 from icl import heads, timing, toymodels as tm
 from icl.experiments import between
-from icl.experiments.phase_change import locate_transition
+from icl.experiments.phase_change import icl_score, locate_transition
 
 NAME = "phase_seeds"
 VERSION = 1
@@ -146,12 +146,6 @@ def content_digest(p: Params) -> str:
         for t in (data.transition, heldout, lens, probe):
             h.update(t.numpy().tobytes())
     return h.hexdigest()
-
-
-def late_minus_early(loss_by_pos: np.ndarray, p: Params) -> np.ndarray:
-    """Loss at token ``icl_late`` minus loss at token ``icl_early`` (``loss_by_pos[..., t - 1]`` is the
-    loss of token ``t``); negative: later tokens are easier."""
-    return loss_by_pos[..., p.icl_late - 1] - loss_by_pos[..., p.icl_early - 1]
 
 
 @torch.no_grad()
@@ -272,8 +266,8 @@ def _train_group(p: Params, group: str, copies: list[tuple[str, int]], sets: dic
 
 def _summarise(p: Params, run: str, arrays: dict[str, np.ndarray], steps: np.ndarray) -> dict[str, Any]:
     """Scores over training and, per seed, the transition and where each score ends."""
-    probe = late_minus_early(arrays[f"{run}.probe_loss"], p)  # [seed, checkpoint]
-    held = late_minus_early(arrays[f"{run}.heldout_loss"], p)
+    # loss at token icl_late minus loss at token icl_early, on the probe and on held-out text: [seed, checkpoint]
+    probe, held = icl_score(arrays[f"{run}.probe_loss"], p), icl_score(arrays[f"{run}.heldout_loss"], p)
     best = arrays[f"{run}.prefix_matching"].max(axis=(2, 3))  # the best head of any layer
     arrays[f"{run}.probe_score"], arrays[f"{run}.heldout_icl"], arrays[f"{run}.best_induction"] = probe, held, best
     runs = []
