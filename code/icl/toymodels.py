@@ -5,13 +5,18 @@
   unembedding; no MLPs and, by default, no LayerNorm, so each head's circuits are plain matrix
   products). :meth:`AttnOnlyTransformer.forward` can return every head's attention pattern
   ``[batch, head, query, key]`` and output, and can zero- or mean-ablate chosen heads.
+  With ``smeared_keys`` each key is a learned mix of its own and the previous position's
+  (:func:`smear_keys`, Olsson et al.'s architecture change); :meth:`AttnOnlyTransformer.chains_forward`
+  runs several copies of the weights at once.
 * :class:`MarkovRepeatData` — the data on which induction pays: a sparse random Markov chain in which,
-  half of the time, the first ``L`` tokens are uniform random and are repeated right after themselves.
+  half of the time, the first ``L`` tokens are uniform random and are repeated right after themselves;
+  :func:`sample_many` samples several sources at once.
 * :func:`repeated_random_tokens` — the probe of the induction literature: random tokens, then the same
   tokens again.
 * :func:`planted_induction_model` — a hand-built 2-layer model with a previous-token head in layer 0 and
   an induction head in layer 1, used to test the head scores of :mod:`icl.heads`.
-* :func:`train` — AdamW on next-token loss with a callback every ``eval_every`` steps.
+* :func:`train` — AdamW on next-token loss with a callback every ``eval_every`` steps;
+  :func:`train_stacked` trains several models of one shape (seeds, learning rates, data) as one program.
 
 Everything random takes an explicit :class:`torch.Generator`; with the same seed and thread count the
 same weights come out.
@@ -38,6 +43,7 @@ class AttnOnlyConfig:
     vocab: int = 64
     n_ctx: int = 64
     init_std: float = 0.02
+    smeared_keys: bool = False  # Olsson et al.'s smeared keys (see :func:`smear_keys`)
 
 
 class AttnOnlyTransformer(nn.Module):
@@ -61,6 +67,8 @@ class AttnOnlyTransformer(nn.Module):
         self.W_O = nn.ParameterList([p(H, dh, d) for _ in range(L)])
         self.W_U = p(d, cfg.vocab)
         self.b_U = nn.Parameter(torch.zeros(cfg.vocab))
+        if cfg.smeared_keys:  # created last and without a random draw: the other weights are those of
+            self.smear = nn.Parameter(torch.zeros(L, H))  # the plain model of the same seed; sigma(0) = 1/2
 
     def forward(self, tokens: torch.Tensor, *, return_cache: bool = False,
                 head_mask: torch.Tensor | None = None, head_mean: list[torch.Tensor] | None = None,
@@ -82,6 +90,8 @@ class AttnOnlyTransformer(nn.Module):
         for layer in range(self.cfg.n_layers):
             q = torch.einsum("bpd,hde->bhpe", resid, self.W_Q[layer])
             k = torch.einsum("bpd,hde->bhpe", resid, self.W_K[layer])
+            if self.cfg.smeared_keys:
+                k = smear_keys(k, self.smear[layer])
             v = torch.einsum("bpd,hde->bhpe", resid, self.W_V[layer])
             scores = torch.einsum("bhqe,bhke->bhqk", q, k) * scale
             pattern = scores.masked_fill(mask, float("-inf")).softmax(-1)
@@ -112,6 +122,9 @@ class AttnOnlyTransformer(nn.Module):
             w_qkv = torch.stack([self.W_Q[layer], self.W_K[layer], self.W_V[layer]])  # [3, H, d, dh]
             w_qkv = w_qkv.permute(2, 0, 1, 3).reshape(d, 3 * H * dh)
             q, k, v = (resid @ w_qkv).view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)  # each [B, H, T, dh]
+            if self.cfg.smeared_keys:  # shaped as one copy of chains_forward's keys: the gradient of the
+                # smearing weight is then summed in the same order, and stacked training is bit for bit
+                k = smear_keys(k[None], self.smear[None, None, layer]).squeeze(0)
             z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, dh]
             resid = resid + z.transpose(1, 2).reshape(B, T, H * dh) @ self.W_O[layer].reshape(H * dh, d)
         return resid @ self.W_U + self.b_U
@@ -119,18 +132,26 @@ class AttnOnlyTransformer(nn.Module):
     def chains_forward(self, params: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         """The same function as :meth:`forward` for ``C`` copies of the weights at once: ``params`` maps
         every name in :meth:`named_parameters` to a tensor with a leading chain axis (``W_Q.0``:
-        ``[C, head, d_model, d_head]``), ``tokens`` ``[batch, pos]`` are shared -> logits ``[C, batch, pos,
-        vocab]``. One batched product per weight instead of one forward per copy: what SGLD with several
-        chains (:func:`icl.slt.sgld_llc`) spends its time on."""
-        B, T = tokens.shape
+        ``[C, head, d_model, d_head]``), ``tokens`` ``[batch, pos]`` are shared, or ``[C, batch, pos]``
+        give each copy its own -> logits ``[C, batch, pos, vocab]``. One batched product per weight instead
+        of one forward per copy: what SGLD with several chains (:func:`icl.slt.sgld_llc`) and the training
+        of several seeds at once (:func:`train_stacked`) spend their time on."""
         H, dh = self.cfg.n_heads, self.cfg.d_head
         C, _, d = params["W_E"].shape
-        resid = params["W_E"][:, tokens] + params["W_pos"][:, None, :T]  # [C, B, T, d]
+        if tokens.dim() == 3:  # each copy reads its own batch
+            B, T = tokens.shape[1:]
+            embed = params["W_E"][torch.arange(C)[:, None, None], tokens]
+        else:
+            B, T = tokens.shape
+            embed = params["W_E"][:, tokens]
+        resid = embed + params["W_pos"][:, None, :T]  # [C, B, T, d]
         for layer in range(self.cfg.n_layers):
             w_qkv = torch.stack([params[f"W_Q.{layer}"], params[f"W_K.{layer}"], params[f"W_V.{layer}"]], 1)
             w_qkv = w_qkv.permute(0, 3, 1, 2, 4).reshape(C, d, 3 * H * dh)  # [C, d, (3, H, dh)]
             qkv = (resid.reshape(C, B * T, d) @ w_qkv).view(C, B, T, 3, H, dh)
             q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, C * B, H, T, dh)
+            if self.cfg.smeared_keys:  # params["smear"]: [C, layer, head]
+                k = smear_keys(k.view(C, B, H, T, dh), params["smear"][:, None, layer]).view(C * B, H, T, dh)
             z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # [C*B, H, T, dh]
             z = z.view(C, B, H, T, dh).permute(0, 1, 3, 2, 4).reshape(C, B * T, H * dh)
             resid = resid + (z @ params[f"W_O.{layer}"].reshape(C, H * dh, d)).view(C, B, T, d)
@@ -149,6 +170,18 @@ class AttnOnlyTransformer(nn.Module):
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def smear_keys(k: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Olsson et al.'s *smeared keys*: the key of position ``t`` becomes ``sigma(alpha) k_t + (1 -
+    sigma(alpha)) k_{t-1}``, with one learned ``alpha`` per head, so that a single layer can match a
+    query against the *previous* token of each position, which is what an induction head needs and
+    what otherwise takes a previous-token head in an earlier layer. Position 0 has no predecessor and
+    keeps its own key. ``k`` ``[..., head, pos, d_head]``, ``alpha`` ``[..., head]`` (broadcast over the
+    leading axes) -> ``[..., head, pos, d_head]``."""
+    s = torch.sigmoid(alpha)[..., None, None]
+    prev = torch.cat([k[..., :1, :], k[..., :-1, :]], dim=-2)
+    return prev + s * (k - prev)
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -206,6 +239,38 @@ class MarkovRepeatData:
         return toks, lens
 
 
+def sample_many(sources: list[MarkovRepeatData], batch: int, generators: list[torch.Generator],
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sources[c].sample(batch, generators[c])`` for every ``c`` at once, bit for bit: tokens ``[C,
+    batch, n_ctx]`` and repeat lengths ``[C, batch]``. Each copy draws its random numbers from its own
+    generator in the order :meth:`MarkovRepeatData.sample` does; the walk along the sequence, the slow
+    part, is then one loop over all ``C * batch`` rows. The sources may differ in their chain and in
+    ``p_repeat``, not in vocabulary, length or repeat lengths."""
+    s = sources[0].spec
+    if any((d.spec.vocab, d.spec.n_ctx, d.spec.min_len, d.spec.max_len) != (s.vocab, s.n_ctx, s.min_len, s.max_len)
+           for d in sources):
+        raise ValueError("sample_many needs sources of one vocabulary, length and range of repeat lengths")
+    V, T, C = s.vocab, s.n_ctx, len(sources)
+    draws = []
+    for d, g in zip(sources, generators):  # the draws of MarkovRepeatData.sample, in its order
+        repeat = torch.rand(batch, generator=g) < d.spec.p_repeat
+        lens = torch.randint(s.min_len, s.max_len, (batch,), generator=g) * repeat
+        rand = torch.randint(V, (batch, T), generator=g)
+        draws.append((lens, rand, torch.rand(T, batch, 1, generator=g)))
+    lens = torch.cat([x[0] for x in draws])  # [C * batch]
+    rand = torch.cat([x[1] for x in draws])  # [C * batch, T]
+    u = torch.cat([x[2] for x in draws], dim=1)  # [T, C * batch, 1]
+    cdf = torch.cat([d.cdf for d in sources])  # [C * V, V]: copy c's row of token a is c * V + a
+    offset = torch.arange(C).repeat_interleave(batch) * V
+    toks = torch.empty(C * batch, T, dtype=torch.long)
+    toks[:, 0] = rand[:, 0]
+    for t in range(1, T):
+        chain = torch.searchsorted(cdf[offset + toks[:, t - 1]], u[t])[:, 0].clamp_(max=V - 1)
+        copy = torch.gather(toks, 1, (t - lens).clamp(min=0)[:, None])[:, 0]
+        toks[:, t] = torch.where(t < lens, rand[:, t], torch.where(t < 2 * lens, copy, chain))
+    return toks.view(C, batch, T), lens.view(C, batch)
+
+
 def repeated_random_tokens(batch: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
     """``[batch, 2 * length]``: ``length`` uniform random tokens followed by the same tokens again."""
     first = torch.randint(vocab, (batch, length), generator=generator)
@@ -240,6 +305,80 @@ def train(model: nn.Module, sample: Callable[[torch.Generator], torch.Tensor], *
         model.eval()
         on_eval(steps)
     return losses
+
+
+def stack_params(models: list[AttnOnlyTransformer]) -> dict[str, torch.Tensor]:
+    """The weights of ``C`` models of one shape as leaf tensors with a leading copy axis (``W_Q.0``:
+    ``[C, head, d_model, d_head]``), the layout of :meth:`AttnOnlyTransformer.chains_forward`."""
+    return {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]).requires_grad_(True)
+            for k, _ in models[0].named_parameters()}
+
+
+def copy_of(params: dict[str, torch.Tensor], c: int, model: AttnOnlyTransformer) -> AttnOnlyTransformer:
+    """``model`` with the weights of copy ``c`` of stacked ``params`` copied in (returned for chaining)."""
+    with torch.no_grad():
+        for k, v in model.named_parameters():
+            v.copy_(params[k][c])
+    return model
+
+
+def train_stacked(models: list[AttnOnlyTransformer], sample: Callable[[list[torch.Generator]], torch.Tensor], *,
+                  steps: int, lrs: list[float], seeds: list[int], betas: tuple[float, float] = (0.9, 0.999),
+                  eval_every: int = 0, on_eval: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+                  progress: bool = False, desc: str = "train") -> np.ndarray:
+    """:func:`train` (AdamW, no weight decay) of ``C`` models of one shape at once, as one program: the
+    weights are stacked on a leading copy axis, the forward and backward passes are those of
+    :meth:`AttnOnlyTransformer.chains_forward` on a batch per copy, ``sample(generators)`` ``[C, batch,
+    pos]``, and the update is PyTorch's fused AdamW kernel, the one ``torch.optim.AdamW(fused=True)``
+    calls, once per learning rate on every copy's slice of the weights. Copy ``c`` learns at ``lrs[c]`` and
+    draws its batches from a generator seeded with ``seeds[c]``, as :func:`train` with ``seed=seeds[c]``
+    would. The sum over copies of their mean losses has, for each copy's weights, that copy's own
+    gradient, so each copy follows its own run. On one thread on the machines used here it does so to
+    the last bit (``tests/test_toymodels.py`` checks it); a batched product need not add in the order of
+    a single one, so elsewhere the agreement may be to float rounding only.
+
+    ``on_eval(step, params)`` runs at step 0, every ``eval_every`` steps and after the last, with the
+    stacked weights (:func:`copy_of` takes one copy out). Returns every step's training loss, ``[steps,
+    C]``; the models themselves are not updated (take the weights from ``on_eval``)."""
+    from tqdm.auto import tqdm
+
+    C = len(models)
+    if not (len(lrs) == len(seeds) == C):
+        raise ValueError("need one learning rate and one seed per model")
+    stacked = stack_params(models)
+    params = list(stacked.values())
+    exp_avg = [torch.zeros_like(p) for p in params]
+    exp_avg_sq = [torch.zeros_like(p) for p in params]
+    rates = sorted(set(lrs))
+    groups = [[c for c in range(C) if lrs[c] == lr] for lr in rates]  # copies that share a rate
+    state_steps = [[torch.zeros((), dtype=torch.float32) for _ in params for _ in group] for group in groups]
+
+    def slices(tensors: list[torch.Tensor], group: list[int]) -> list[torch.Tensor]:
+        # every copy's own slice of each tensor, as separate tensors: the fused kernel then meets the same
+        # tensors as for a single model (it rounds a tail shorter than its vector width differently)
+        return [t[c] for t in tensors for c in group]
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    losses = torch.empty(steps, C)
+    for step in tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0):
+        if on_eval is not None and eval_every and step % eval_every == 0:
+            on_eval(step, stacked)
+        tokens = sample(generators)  # [C, batch, pos]
+        logits = models[0].chains_forward(stacked, tokens)
+        V = logits.shape[-1]
+        per_token = F.cross_entropy(logits[:, :, :-1].reshape(-1, V), tokens[:, :, 1:].reshape(-1), reduction="none")
+        per_copy = per_token.view(C, -1).mean(1)  # [C]
+        grads = [g.contiguous() for g in torch.autograd.grad(per_copy.sum(), params)]  # the kernel needs dense tensors
+        with torch.no_grad():
+            for lr, group, counts in zip(rates, groups, state_steps):
+                torch._foreach_add_(counts, 1)
+                torch._fused_adamw_(slices(params, group), slices(grads, group), slices(exp_avg, group),
+                                    slices(exp_avg_sq, group), [], counts, amsgrad=False, lr=lr, beta1=betas[0],
+                                    beta2=betas[1], weight_decay=0.0, eps=1e-8, maximize=False)
+        losses[step] = per_copy.detach()
+    if on_eval is not None and eval_every:
+        on_eval(steps, stacked)
+    return losses.numpy()
 
 
 def state_arrays(model: nn.Module, prefix: str) -> dict[str, np.ndarray]:

@@ -54,6 +54,7 @@ REGISTRY: dict[str, str] = {
     "task_vectors": "icl.experiments.task_vectors",
     "function_vectors": "icl.experiments.function_vectors",
     "phase_change": "icl.experiments.phase_change",
+    "phase_seeds": "icl.experiments.phase_seeds",
     "icl_regression": "icl.experiments.icl_regression",
     "contexts_to_weights": "icl.experiments.contexts_to_weights",
     "c2w_toy": "icl.experiments.c2w_toy",
