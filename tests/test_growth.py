@@ -46,3 +46,15 @@ def test_verdict_thresholds_and_bad_input():
     assert growth.shape_verdict(4.0) == "undecided"
     with pytest.raises(ValueError):
         growth.compare_shapes(K[:3], np.zeros((5, 3)))
+
+
+def test_a_flat_first_half_gives_no_increment_ratio_and_stays_storable():
+    """On a model that has not learnt anything (a random one) the curve can be flat: the increment
+    ratio is undefined there, and the result must still be valid JSON (the cache refuses NaN)."""
+    import json
+
+    k = np.arange(9)
+    values = np.tile(np.r_[np.zeros(5), np.arange(1, 5)], (6, 1)).astype(float)
+    got = growth.compare_shapes(k, values, n_boot=30)
+    assert got["increment_ratio"][0] is None
+    json.dumps(got, allow_nan=False)

@@ -105,9 +105,13 @@ def compare_shapes(k: np.ndarray, per_prompt: np.ndarray, n_boot: int = 500, see
     rng = np.random.default_rng(seed)
     boots = [one(values[rng.integers(0, n, n)]) for _ in range(n_boot)]
 
-    def interval(point: float, samples: list[float]) -> list[float]:
-        lo, hi = np.quantile(np.asarray(samples), [0.025, 0.975])
-        return [float(point), float(lo), float(hi)]
+    def interval(point: float, samples: list[float]) -> list[float | None]:
+        """[point, lo, hi]; a quantity that is undefined (the increment ratio of a curve whose first
+        half is flat) is None, and the interval is taken over the resamples where it is defined."""
+        s = np.asarray(samples, float)
+        s = s[np.isfinite(s)]
+        lo, hi = np.quantile(s, [0.025, 0.975]) if len(s) else (np.nan, np.nan)
+        return [float(v) if np.isfinite(v) else None for v in (point, lo, hi)]
 
     return {
         "linear": {name: interval(v, [b[0].params[name] for b in boots]) for name, v in lin.params.items()},

@@ -318,8 +318,9 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
             total_growth = at[:, -1].mean() - at[:, 1].mean()
             head_growth = hm[..., -1] - hm[..., 1]  # [tv_layer, H]
             order = np.argsort(-head_growth, axis=None)[:5]
+            ratios = [growth.increment_ratio(hm.reshape(-1, K)[i, 1:]) for i in order]
             g["top_growing_heads"] = [[int(i // H), int(i % H), float(head_growth.flat[i]),
-                                       float(growth.increment_ratio(hm.reshape(-1, K)[i, 1:]))] for i in order]
+                                       r if np.isfinite(r) else None] for i, r in zip(order, ratios)]
             g["growth_1_to_max"] = float(total_growth)
             g["growth_heads_total"] = float(head_growth.sum())
             g["growth_mlps_total"] = float(parts_mlp.mean(0)[:, -1].sum() - parts_mlp.mean(0)[:, 1].sum())
