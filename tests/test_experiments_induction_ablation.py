@@ -87,3 +87,20 @@ def test_tiny_run_is_deterministic(tiny_run, tiny_llama):
     again, data2 = exp.compute(params, tiny_llama, upstream={"induction_heads": types.SimpleNamespace(
         arrays={"prefix_matching": prefix})})
     assert data2 == data and all(np.array_equal(arrays[k], again[k]) for k in arrays)
+
+
+def _data(p_repeat, p_icl, p_tasks, lo=0.1, n_random=20):
+    test = lambda p: {"p": p, "induction": [1.0, lo, 2.0]}  # noqa: E731
+    return {"n_random": n_random, "repeat": {"test": test(p_repeat)}, "icl": {"test": test(p_icl)},
+            "tasks": {f"t{i}": {"test": test(p)} for i, p in enumerate(p_tasks)}}
+
+
+def test_verdict_applies_the_declared_rule():
+    best = 1 / 21
+    assert exp.verdict(_data(best, best, [best, best]))["strong"] == "holds"
+    assert exp.verdict(_data(best, best, [best, 0.5]))["strong"] == "holds in part"
+    assert exp.verdict(_data(best, 0.2, [0.5, 0.5]))["strong"] == "fails"
+    assert exp.verdict(_data(0.2, best, [best]))["strong"] == "holds"  # R is a control, not part of the claim
+    assert exp.verdict(_data(0.2, best, [0.5]))["strong"] == "fails"
+    assert exp.verdict(_data(best, best, [best], lo=-0.1))["strong"] == "fails"  # interval must exclude zero
+    assert exp.verdict(_data(best, best, [best]))["passes"] == {"repeat": True, "icl": True, "t0": True}

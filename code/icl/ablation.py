@@ -24,6 +24,12 @@ the unembedding. When a head is removed and another head's direct effect grows, 
 
 :func:`zero_heads_hook` is the bridge-hook version of zero ablation (``blocks.{L}.attn.hook_z``), used
 when an ablated run A must feed the patching code of :mod:`icl.patching`.
+
+:func:`joint_ablation_logprobs` removes whole *sets* of heads at every position (all induction heads at
+once, against random sets of as many heads in the same layers): the blocks below a set's first layer
+are shared by all sets, so each set costs only the blocks from there on. Its clean run can be recorded
+(:func:`run_layers`), which gives one head's attention from a chosen position (:func:`query_pattern`)
+and what the head writes, read as logits (:func:`head_logits`).
 """
 
 from __future__ import annotations

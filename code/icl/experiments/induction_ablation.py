@@ -364,3 +364,27 @@ def compute(params: Params, model: Any, progress: bool = False, upstream: dict[s
     data["random_sets_with_head"] = int(arrays["random_has_head"].sum())
     return arrays, data
 
+
+
+def passes(test: dict[str, Any], n_random: int) -> bool:
+    """The declared test of one measure: the induction set does more harm than every random set (so
+    its empirical p is the smallest possible, ``1 / (n_random + 1)``) and its interval lies above zero."""
+    return test["p"] <= 1 / (n_random + 1) + 1e-12 and test["induction"][1] > 0
+
+
+def verdict(data: dict[str, Any]) -> dict[str, Any]:
+    """The declared decision rule applied to a result's ``data``: per measure whether it passes
+    (``repeat`` is R, ``icl`` is S, each task is T) and the strong reading of C6: ``holds`` if S and T
+    pass for every task, ``holds in part`` if R passes and at least one of S and the T's does, else
+    ``fails``."""
+    tests = {"repeat": data["repeat"]["test"], "icl": data["icl"]["test"],
+             **{name: t["test"] for name, t in data["tasks"].items()}}
+    ok = {m: passes(t, data["n_random"]) for m, t in tests.items()}
+    n_tasks = sum(ok[name] for name in data["tasks"])
+    if ok["icl"] and n_tasks == len(data["tasks"]):
+        strong = "holds"
+    elif ok["repeat"] and (ok["icl"] or n_tasks):
+        strong = "holds in part"
+    else:
+        strong = "fails"
+    return {"passes": ok, "strong": strong}
