@@ -212,9 +212,8 @@ TOY = {
                  "threshold": "0.01", "iterations": "1"},
     "induction_heads": {"n_seqs": "3", "half": "10", "tasks": "identity,random", "n_prompts": "2", "k": "3",
                         "n_boot": "20"},
-    # its upstream induction_heads runs at default size; on a random model prefix matching is about
-    # 1 / position (mean 0.0135 over the repeat), so this threshold picks some heads of each layer
-    "induction_ablation": {"threshold": "0.0135", "n_random": "2", "n_windows": "2", "n_seqs": "2",
+    # its upstream induction_heads entry is planted (a random model has no induction heads to name)
+    "induction_ablation": {"n_random": "2", "n_windows": "2", "n_seqs": "2",
                            "tasks": "plus-1,double-plus-3", "n_prompts": "2", "k": "3", "late_from": "2",
                            "head": "L2H0", "n_boot": "20"},
     "task_vectors": {"n_prompts": "3", "k": "3", "k_sweep": "4", "n_sweep": "4", "n_cross": "2",
@@ -237,6 +236,13 @@ def test_model_experiment_runs_on_the_real_vocabulary(name, real_vocab, tok, tmp
     Llama-3 layout implies for its result."""
     module = experiments.get(name)
     cfg = Config(model=str(real_vocab.spec.location), device="cpu", dtype="float32", cache_dir=tmp_path)
+    if name == "induction_ablation":  # plant its upstream: three "induction heads" in layers 1 and 2
+        from icl.cache import Cache
+
+        ih = experiments.get("induction_heads")
+        planted = np.zeros((3, 8))
+        planted[1, 2] = planted[2, 5] = planted[2, 6] = 0.5
+        Cache(tmp_path).store(experiments.key_inputs(ih, ih.Params(), cfg, real_vocab), {"prefix_matching": planted}, {})
     entry, _ = experiments.run(name, cfg, experiments.make_params(module, TOY[name]), loaded=real_vocab)
     arrays, data = {k: entry.arrays[k] for k in entry.arrays}, entry.data
     log_v = math.log(models.LLAMA3_VOCAB)
