@@ -215,6 +215,10 @@ TOY = {
                  "threshold": "0.01", "iterations": "1"},
     "induction_heads": {"n_seqs": "3", "half": "10", "tasks": "identity,random", "n_prompts": "2", "k": "3",
                         "n_boot": "20"},
+    # its upstream induction_heads entry is planted (a random model has no induction heads to name)
+    "induction_ablation": {"n_random": "2", "n_windows": "2", "n_seqs": "2",
+                           "tasks": "plus-1,double-plus-3", "n_prompts": "2", "k": "3", "late_from": "2",
+                           "head": "L2H0", "n_boot": "20"},
     "task_vectors": {"n_prompts": "3", "k": "3", "k_sweep": "4", "n_sweep": "4", "n_cross": "2",
                      "k_cross": "2", "probe_min_k": "1", "lens_ks": "0,4", "lens_every": "2", "n_boot": "20", "n_folds": "2"},
     "function_vectors": {"tasks": "plus-1,identity", "k": "3", "n_clean": "3", "n_corrupt": "2",
@@ -235,6 +239,13 @@ def test_model_experiment_runs_on_the_real_vocabulary(name, real_vocab, tok, tmp
     Llama-3 layout implies for its result."""
     module = experiments.get(name)
     cfg = Config(model=str(real_vocab.spec.location), device="cpu", dtype="float32", cache_dir=tmp_path)
+    if name == "induction_ablation":  # plant its upstream: three "induction heads" in layers 1 and 2
+        from icl.cache import Cache
+
+        ih = experiments.get("induction_heads")
+        planted = np.zeros((3, 8))
+        planted[1, 2] = planted[2, 5] = planted[2, 6] = 0.5
+        Cache(tmp_path).store(experiments.key_inputs(ih, ih.Params(), cfg, real_vocab), {"prefix_matching": planted}, {})
     entry, _ = experiments.run(name, cfg, experiments.make_params(module, TOY[name]), loaded=real_vocab)
     arrays, data = {k: entry.arrays[k] for k in entry.arrays}, entry.data
     log_v = math.log(models.LLAMA3_VOCAB)
@@ -264,6 +275,11 @@ def test_model_experiment_runs_on_the_real_vocabulary(name, real_vocab, tok, tmp
         for task in ("identity", "random"):  # attention reaches the earlier x and answer tokens
             assert (arrays[f"{task}.to_xs"] > 0).all() and (arrays[f"{task}.to_first_answer_token"] > 0).all()
             assert (arrays[f"{task}.to_first_answer_token"] <= arrays[f"{task}.to_answers"] + 1e-9).all()
+    elif name == "induction_ablation":  # the clean row is the intact model; Llama-3 digits are tokens
+        assert arrays["repeat.loss"].shape == (4, 2) and abs(float(arrays["repeat.loss"][0].mean()) - log_v) < 0.5
+        for task in ("plus-1", "double-plus-3"):
+            assert np.allclose(arrays[f"{task}.focus.attention"].sum(1), 1, atol=1e-5)
+            assert 1 <= data["focus"][task]["correct_rank"][0] <= 10
     elif name == "task_vectors":  # whole answers are two tokens (number, ")\n"); number mass near uniform
         share = N_NUMBER_TOKENS / models.LLAMA3_VOCAB
         for task in ("plus-1", "double", "shuffled"):

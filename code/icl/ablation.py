@@ -24,6 +24,12 @@ the unembedding. When a head is removed and another head's direct effect grows, 
 
 :func:`zero_heads_hook` is the bridge-hook version of zero ablation (``blocks.{L}.attn.hook_z``), used
 when an ablated run A must feed the patching code of :mod:`icl.patching`.
+
+:func:`joint_ablation_logprobs` removes whole *sets* of heads at every position (all induction heads at
+once, against random sets of as many heads in the same layers): the blocks below a set's first layer
+are shared by all sets, so each set costs only the blocks from there on. Its clean run can be recorded
+(:func:`run_layers`), which gives one head's attention from a chosen position (:func:`query_pattern`)
+and what the head writes, read as logits (:func:`head_logits`).
 """
 
 from __future__ import annotations
@@ -259,3 +265,114 @@ def last_position_ablation_reference(stack: LlamaStack, tokenizer, pairs: PatchP
             out["zero"][rows, layer] = lp[0].T
             out["mean"][rows, layer] = lp[1].T
     return out
+
+
+# ------------------------------------------------------------------------ joint ablation of head sets
+# Ablating a *set* of heads at every position (not at one position, as above) changes every position
+# from the set's first layer on, so nothing after that layer can be reused; everything before it can.
+# :func:`joint_ablation_logprobs` therefore runs the layers below the earliest ablated layer once per
+# batch and only the rest once per head set: for SmolLM2's induction heads (layers 17-24 of 30) that is
+# 13 of 30 layers per set. :func:`run_layers` is the plain loop over blocks it uses, with a recorder
+# that sees each block's input residual, rotated keys and per-head outputs (for attention patterns and
+# direct logit attribution of a clean run, :func:`query_pattern`).
+
+Recorder = Any  # (layer, resid_in [R, T, d_model], k [R, n_kv, T, d_head], z [R, T, n_heads, d_head]) -> None
+
+
+@torch.inference_mode()
+def run_layers(stack: LlamaStack, x: torch.Tensor, start: int, stop: int, cos: torch.Tensor, sin: torch.Tensor,
+               z_edit=None, record: Recorder | None = None) -> torch.Tensor:
+    """Blocks ``start .. stop - 1`` of a full causal pass over ``x`` ``[R, T, d_model]`` (the residual
+    entering block ``start`` at positions ``0..T-1``; ``cos``/``sin`` ``[R, T, d_head]`` from
+    :meth:`LlamaStack.rotary`). ``z_edit`` edits per-head outputs as in :meth:`LlamaStack.forward`;
+    ``record`` is called per block with its input, rotated keys and (edited) ``z``."""
+    for layer in range(start, stop):
+        a, k, _, z = stack.attention(layer, x, cos, sin, z_edit=z_edit)
+        if record is not None:
+            record(layer, x, k, z)
+        x = x + a
+        x = x + stack.mlp(layer, x)
+    return x
+
+
+@torch.inference_mode()
+def target_logprobs(stack: LlamaStack, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                    target: torch.Tensor) -> torch.Tensor:
+    """log P(``target[i]``) read from the final residual ``x`` ``[R, T, d_model]`` at ``(rows[i], pos[i])``,
+    ``[n]`` float32, in chunks of :data:`READOUT_ROWS` vocabulary-sized rows."""
+    out = []
+    for i in range(0, len(rows), READOUT_ROWS):
+        r, p, t = rows[i:i + READOUT_ROWS], pos[i:i + READOUT_ROWS], target[i:i + READOUT_ROWS]
+        logp = torch.log_softmax(stack.logits(x[r, p]).float(), -1)  # [chunk, vocab]
+        out.append(logp.gather(-1, t.to(logp.device)[:, None])[:, 0])
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.inference_mode()
+def joint_ablation_logprobs(stack: LlamaStack, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                            head_sets: Sequence[Sequence[tuple[int, int]]], record: Recorder | None = None
+                            ) -> np.ndarray:
+    """log P(next token) at chosen positions with each set of heads zero-ablated at every position.
+
+    ``ids`` ``[R, T]`` (right padding is harmless: attention is causal); ``rows``, ``pos`` ``[n]``: the
+    positions read, each predicting token ``ids[rows[i], pos[i] + 1]``. ``head_sets``: lists of
+    ``(layer, head)``; an empty set is the clean run. Returns ``[n_sets, n]``. The blocks below the
+    earliest ablated layer of all sets run once and are shared. ``record`` (see :func:`run_layers`)
+    observes the run of every empty set, from block 0, and is finally called with ``layer = n_layers``
+    and the final residual (keys and ``z`` None)."""
+    for heads in head_sets:
+        check_heads(stack, heads)
+    ids = ids.to(stack.device)
+    R, T = ids.shape
+    rows, pos = rows.to(stack.device), pos.to(stack.device)
+    if len(pos) and int(pos.max()) >= T - 1:
+        raise PatchingError(f"position {int(pos.max())} has no next token in a sequence of {T}")
+    target = ids[rows, pos + 1]
+    cos, sin = stack.rotary(torch.arange(T, device=stack.device).expand(R, T))
+    L = stack.n_layers
+    first = min((layer for heads in head_sets for layer, _ in heads), default=L)
+    clean_record = record if any(len(h) == 0 for h in head_sets) else None  # the shared blocks are clean
+    x0 = run_layers(stack, torch.nn.functional.embedding(ids, stack.W_E), 0, first, cos, sin,
+                    record=clean_record)  # [R, T, d_model] entering block `first`
+    out = np.zeros((len(head_sets), len(rows)))
+    for s, heads in enumerate(head_sets):
+        edit = zero_heads_edit(heads) if heads else None
+        x = run_layers(stack, x0, first, L, cos, sin, z_edit=edit, record=None if heads else record)
+        if record is not None and not heads:
+            record(L, x, None, None)  # the final residual (before the final norm)
+        out[s] = target_logprobs(stack, x, rows, pos, target).cpu().numpy()
+    return out
+
+
+@torch.inference_mode()
+def query_pattern(stack: LlamaStack, layer: int, head: int, resid: torch.Tensor, k: torch.Tensor,
+                  qpos: torch.Tensor) -> torch.Tensor:
+    """One head's attention from position ``qpos[r]`` of each row, ``[R, T]`` (zero after the query).
+
+    ``resid`` ``[R, T, d_model]``: the residual entering block ``layer``; ``k`` ``[R, n_kv, T, d_head]``:
+    that block's rotated keys (both as :func:`run_layers` records them)."""
+    w = stack.layers[layer]
+    R, T, _ = resid.shape
+    r = torch.arange(R, device=resid.device)
+    qpos = qpos.to(resid.device)
+    h = stack.rms(resid[r, qpos], w.ln1)  # [R, d_model]
+    q = torch.nn.functional.linear(h, w.W_q).view(R, stack.n_heads, stack.d_head)[:, head]  # [R, d_head]
+    cos, sin = stack.rotary(qpos[:, None])  # [R, 1, d_head]
+    half = stack.d_head // 2
+    q = q * cos[:, 0] + torch.cat((-q[:, half:], q[:, :half]), dim=-1) * sin[:, 0]
+    keys = k[:, head // stack.n_rep]  # [R, T, d_head]
+    scores = torch.einsum("rtd,rd->rt", keys, q) * stack.scaling
+    scores = scores.masked_fill(torch.arange(T, device=resid.device)[None] > qpos[:, None],
+                                torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
+
+@torch.inference_mode()
+def head_logits(stack: LlamaStack, layer: int, head: int, z: torch.Tensor, final_scale: torch.Tensor) -> torch.Tensor:
+    """What one head writes, read as logits: ``z`` ``[n, d_head]`` (its output before ``W_O``) times its
+    slice of ``W_O``, through the final RMSNorm with its scale frozen at ``final_scale`` ``[n, 1]`` and the
+    unembedding: ``[n, vocab]`` (the head's direct contribution to every logit; the bias, if any, left out)."""
+    H, dh = stack.n_heads, stack.d_head
+    W_o = stack.layers[layer].W_o.float().view(stack.d_model, H, dh)[:, head]  # [d_model, d_head]
+    out = z.float() @ W_o.T  # [n, d_model]
+    return (out * final_scale.float() * stack.ln_final.float()) @ stack.W_U.float().T

@@ -51,6 +51,7 @@ REGISTRY: dict[str, str] = {
     "patching": "icl.experiments.patching",
     "ablation": "icl.experiments.ablation",
     "induction_heads": "icl.experiments.induction_heads",
+    "induction_ablation": "icl.experiments.induction_ablation",
     "task_vectors": "icl.experiments.task_vectors",
     "function_vectors": "icl.experiments.function_vectors",
     "phase_change": "icl.experiments.phase_change",
