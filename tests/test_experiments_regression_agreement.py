@@ -29,7 +29,7 @@ def small(tmp_path_factory):
 
 def test_agreement_against_direct_computation(small):
     q, upstream, (A, D), (A2, D2) = small
-    assert D == D2 and all(np.array_equal(A[k], A2[k]) for k in A)  # deterministic
+    assert D == D2 and all(np.array_equal(A[k], A2[k], equal_nan=True) for k in A)  # deterministic
     net = ir.load_model(upstream)
     ev, _ = ra.eval_sets(q)
     with torch.no_grad():
@@ -84,5 +84,9 @@ def test_committed_result():
     d = D["d"]
     # least squares at k = d: a tail index near 1/2 (infinite mean), so the median is what we report
     assert D["least_squares_tail"][str(d)]["alpha"][2] < 1
-    # the transformer's disagreement with ridge is its excess error over ridge (Pythagoras), within 5%
-    assert np.allclose(A["spd.bayes.mean"][1:], A["transformer.excess.mean"][1:], rtol=0.05, atol=2e-3)
+    # the transformer's disagreement with ridge is its excess error over ridge (Pythagoras): the cross
+    # term's interval contains 0 at nearly every k
+    covered = (A["pythagoras.cross.lo"][1:] <= 0) & (0 <= A["pythagoras.cross.hi"][1:])
+    assert covered.sum() >= len(covered) - 2
+    # the transformer is several times worse than ridge at large k
+    assert A["transformer_over_bayes.lo"][-1] > 5
