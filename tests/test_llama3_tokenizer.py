@@ -217,8 +217,8 @@ TOY = {
     "function_vectors": {"tasks": "plus-1,identity", "k": "3", "n_clean": "3", "n_corrupt": "2",
                          "n_top": "2", "n_random": "1", "ablate_tasks": "plus-1,identity", "k_ablate": "2",
                          "n_ablate": "2", "n_boot": "20"},
-    "c2w_pretrained": {"ks": "1,2", "lrs": "0.001", "steps": "2", "record": "1,2", "n_contexts": "2",
-                       "n_query": "2", "layers": "1"},
+    "c2w_pretrained": {"ks": "1,2", "lrs": "0.001", "steps": "2", "record": "1,2", "n_contexts": "3",
+                       "n_select": "1", "n_query": "2", "layers": "1"},
 }
 
 
