@@ -39,8 +39,9 @@ def test_agreement_against_direct_computation(small):
     assert A["spd.ridge:0.25.mean"][k] == pytest.approx(float(((T[:, k] - ridge) ** 2).mean() / d), rel=1e-9)
     ls = rg.least_squares(ev.X[:, :k], ev.y[:, :k], ev.X[:, k:k + 1])[:, 0]
     assert A["spd.least_squares.mean"][k] == pytest.approx(float(((T[:, k] - ls) ** 2).mean() / d), rel=1e-9)
-    # one GD step with the calibrated step size is gd_step with that step size
-    gd1 = rg.gd_step(ev.X[:, :k], ev.y[:, :k], ev.X[:, k:k + 1], float(A["gd_lr"][0, k]))[:, 0]
+    # one GD step with the calibrated factor is gd_step with step size factor / lambda_max of each prompt
+    lam_max = torch.linalg.eigvalsh(ev.X[:, :k].transpose(1, 2) @ ev.X[:, :k] / k)[:, -1]
+    gd1 = rg.gd_step(ev.X[:, :k], ev.y[:, :k], ev.X[:, k:k + 1], (float(A["gd_lr"][0, k]) / lam_max)[:, None])[:, 0]
     assert A["spd.gd:1.mean"][k] == pytest.approx(float(((T[:, k] - gd1) ** 2).mean() / d), rel=1e-9)
     # the best reference is the argmin of the agreement curves
     names = D["refs"]

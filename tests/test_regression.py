@@ -153,6 +153,14 @@ def test_gd_path_closed_form_equals_a_plain_gradient_descent_loop(k):
         assert torch.allclose(far, rg.least_squares(t.X, t.y, t.Xq), rtol=1e-4, atol=1e-6)
 
 
+def test_gd_path_relative_step_sizes_are_per_prompt_and_stable():
+    t = rg.sample_tasks(200, 12, 5, 0.25, torch.Generator().manual_seed(0), dtype=torch.float64)
+    lam_max = torch.linalg.eigvalsh(t.X.transpose(1, 2) @ t.X / 12)[:, -1]
+    rel = rg.gd_path(t.X, t.y, t.Xq, torch.tensor([0.5, 1.5], dtype=torch.float64), [1, 20_000], relative=True)
+    assert torch.allclose(rel[0, 0], rg.gd_step(t.X, t.y, t.Xq, (0.5 / lam_max)[:, None]), atol=1e-12)
+    assert torch.allclose(rel[1, 1], rg.least_squares(t.X, t.y, t.Xq), rtol=1e-4, atol=1e-6)  # stable: converges
+
+
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 1.5])
 def test_hill_tail_index_recovers_a_planted_power_law(alpha):
     rng = np.random.default_rng(0)

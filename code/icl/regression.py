@@ -87,7 +87,7 @@ def best_gd_lr(X: torch.Tensor, y: torch.Tensor, Xq: torch.Tensor, yq: torch.Ten
 
 
 def gd_path(X: torch.Tensor, y: torch.Tensor, Xq: torch.Tensor, lrs: torch.Tensor,
-            steps: list[int]) -> torch.Tensor:
+            steps: list[int], relative: bool = False) -> torch.Tensor:
     """``t`` steps of gradient descent from ``w = 0`` on ``(1/2k) Σ (w·x_i − y_i)²``, for every step size in
     ``lrs`` ``[L]`` and every ``t`` in ``steps``, predicting the queries: returns ``[len(steps), L, n, m]``.
 
@@ -95,7 +95,9 @@ def gd_path(X: torch.Tensor, y: torch.Tensor, Xq: torch.Tensor, lrs: torch.Tenso
     ``w_t = V diag((1 − (1 − ηλ_i)^t) / λ_i) Vᵀ b`` (``ηt`` where ``λ_i = 0``), so every ``(t, η)`` costs one
     elementwise product after one batched eigendecomposition. With one step this is :func:`gd_step`; as
     ``t → ∞`` with a stable step size it tends to minimum-norm least squares (GD from 0 stays in the row
-    space of ``X``). A diverging step size gives huge predictions, which a fit of the step size never picks.
+    space of ``X``). With ``relative``, each prompt's step size is ``lrs / λ_max`` of its own ``XᵀX/k``,
+    so any factor below 2 is stable on every prompt (a fixed step size diverges on the rare prompts whose
+    ``λ_max`` is large, which gives GD the heavy tail of least squares).
     """
     k = X.shape[-2]
     lam, V = torch.linalg.eigh(X.transpose(-1, -2) @ X / k)  # [n, d], [n, d, d]
@@ -103,6 +105,8 @@ def gd_path(X: torch.Tensor, y: torch.Tensor, Xq: torch.Tensor, lrs: torch.Tenso
     b = (V.transpose(-1, -2) @ (X.transpose(-1, -2) @ y[..., None]))[..., 0] / k  # [n, d]: Vᵀ b
     q = Xq @ V  # [n, m, d]: queries in the eigenbasis
     eta = lrs.to(X.dtype).view(-1, *[1] * lam.ndim)  # [L, 1, 1]
+    if relative:
+        eta = eta / lam.max(-1, keepdim=True).values.clamp_min(1e-12)  # [L, n, 1]
     small = lam < 1e-12
     out = []
     for t in steps:

@@ -9,8 +9,10 @@ prediction 0 costs). This experiment measures it for the transformer trained by 
 
 * ridge ``(XᵀX + λI)⁻¹Xᵀy`` over a grid of ``λ`` (``λ = σ²`` is the posterior mean, Bayes-optimal);
 * minimum-norm least squares (the limit ``λ → 0``);
-* ``t`` steps of gradient descent from ``w = 0`` (:func:`icl.regression.gd_path`) for ``t`` on a grid, each
-  with the step size that has the least error at that ``(t, k)`` on a separate calibration set.
+* ``t`` steps of gradient descent from ``w = 0`` (:func:`icl.regression.gd_path`) for ``t`` on a grid, with
+  step size ``c / λ_max`` for each prompt (``λ_max`` the largest eigenvalue of its ``XᵀX/k``; stable for
+  ``c < 2``) and the factor ``c`` that has the least error at that ``(t, k)`` on a separate calibration set.
+  A fixed step size would diverge on the rare prompts with a large ``λ_max``.
 
 Scales that say what a given SPD means: the SPD between two reference algorithms (ridge against least
 squares, ridge against one GD step), and the transformer's own error. For the Bayes predictor ``R`` the
@@ -47,7 +49,7 @@ from icl.experiments import between, each_float, each_int, reporter
 from icl.stats import bootstrap_mean_ci
 
 NAME = "regression_agreement"
-VERSION = 1
+VERSION = 2
 CHAPTER = "report/09-contexts-to-weights.qmd"
 USES_MODEL = False
 DESCRIPTION = "regression transformer: prediction agreement with ridge over lambda, least squares, t-step GD; LS median near k = d"
@@ -62,7 +64,7 @@ class Params:
     lams: tuple[str, ...] = ("0.001", "0.01", "0.0625", "0.25", "1", "4")
     gd_steps: tuple[str, ...] = ("1", "2", "4", "8", "16", "32", "64", "128")
     gd_lr_min: float = 0.01
-    gd_lr_max: float = 1.5
+    gd_lr_max: float = 1.99
     n_gd_lrs: int = 40
     n_ls: int = 100_000
     ls_tail: float = 0.01
@@ -182,11 +184,11 @@ def compute(params: Params, model: Any = None, progress: bool = False,
             bayes[:, k] = rg.ridge(Xc, yc, Xq, noise ** 2)[:, 0]
             # GD: the step size with the least error at each (t, k), fitted on the calibration set
             with np.errstate(over="ignore", invalid="ignore"):
-                cp_ = rg.gd_path(cal.X[:, :k], cal.y[:, :k], cal.X[:, k:k + 1], gd_lrs, steps)[..., 0]  # [t, L, n]
+                cp_ = rg.gd_path(cal.X[:, :k], cal.y[:, :k], cal.X[:, k:k + 1], gd_lrs, steps, relative=True)[..., 0]  # [t, L, n]
                 err = ((cp_ - cal_truth[:, k]) ** 2).mean(-1)
                 err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
                 best = err.argmin(-1)  # [t]
-                ep = rg.gd_path(Xc, yc, Xq, gd_lrs, steps)[..., 0]  # [t, L, n]
+                ep = rg.gd_path(Xc, yc, Xq, gd_lrs, steps, relative=True)[..., 0]  # [t, L, n]
             for j in range(len(steps)):
                 pred[len(lams) + 1 + j, :, k] = ep[j, best[j]]
                 chosen_lr[j, k] = float(gd_lrs[best[j]])
