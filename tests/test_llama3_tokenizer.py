@@ -275,4 +275,4 @@ def test_model_experiment_runs_on_the_real_vocabulary(name, real_vocab, tok, tmp
     elif name == "c2w_pretrained":
         assert data["weights_restored"] is True
         assert abs(float(arrays["icl_logp"].mean()) + 2 * log_v) < 1.5  # number token + ")\n"
-        assert np.isfinite(arrays["finetune_logp"]).all()
+        assert np.isfinite(arrays["select.finetune_logp"]).all() and np.isfinite(arrays["report.control_logp"]).all()
