@@ -11,7 +11,8 @@ from icl import experiments, finetune, scoring
 from icl.config import Config
 from icl.experiments import c2w_pretrained as cp
 
-SMALL = dict(ks=("1", "2"), lrs=("0", "0.01"), steps=2, record=("1", "2"), n_contexts=2, n_query=2, layers=("1", "-1"))
+SMALL = dict(ks=("1", "2"), lrs=("0", "0.01"), steps=2, record=("1", "2"), n_contexts=3, n_select=1, n_query=2,
+             layers=("1", "-1"), n_boot=50)
 
 
 def _state(model):
@@ -31,15 +32,45 @@ def small_run(tiny_llama):
 
 def test_learning_rate_zero_is_the_no_context_prediction(small_run):
     (arrays, data), _, _, _ = small_run
-    assert arrays["gap"].shape == (2, 2, 2, 2, 2)  # [k, lr, n, context, query]
+    assert arrays["select.gap"].shape == (2, 2, 2, 1, 2)  # [k, lr, n, selection context, query]
     # lr 0: Adam leaves the weights as they are, so the fine-tuned prediction is the no-context one
-    assert np.array_equal(arrays["finetune_logp"][:, 0], np.broadcast_to(arrays["no_context_logp"], (2, 2, 2, 2)))
-    assert np.allclose(arrays["gap"][:, 0], arrays["gap_no_update"][:, None], rtol=1e-6, atol=1e-7)
-    assert np.all(arrays["finetune_moved"][:, 0] == 0)
+    assert np.array_equal(arrays["select.finetune_logp"][:, 0],
+                          np.broadcast_to(arrays["no_context_logp"][:1], (2, 2, 1, 2)))
+    assert np.allclose(arrays["select.gap"][:, 0], arrays["gap_no_update"][:, None, :1], rtol=1e-6, atol=1e-7)
+    assert np.all(arrays["select.finetune_moved"][:, 0] == 0)
     # a positive learning rate moves the prediction and lowers the loss on the context lines
-    assert np.all(arrays["finetune_moved"][:, 1] > 0)
-    assert np.all(arrays["train_loss"][:, 1, -1] < arrays["train_loss"][:, 1, 0])
-    assert np.allclose(arrays["train_loss"][:, 0, -1], arrays["train_loss"][:, 0, 0])
+    assert np.all(arrays["select.finetune_moved"][:, 1] > 0)
+    assert np.all(arrays["select.train_loss"][:, 1, -1] < arrays["select.train_loss"][:, 1, 0])
+    assert np.allclose(arrays["select.train_loss"][:, 0, -1], arrays["select.train_loss"][:, 0, 0])
+
+
+def test_report_set_uses_the_settings_chosen_on_the_selection_set(small_run):
+    (arrays, data), _, _, _ = small_run
+    assert data["n_report"] == 2 and arrays["report.finetune_logp"].shape == (2, 2, 2, 2)  # [k, choice, context, q]
+    for a, k in enumerate((1, 2)):
+        rep = data["report"][str(k)]
+        for i, choice in enumerate(cp.CHOICES):
+            b, r = cp.choose_settings(arrays["select.mean.gap"][a], arrays["select.mean.finetune_p"][a])[choice]
+            assert rep[choice]["lr"] == float(SMALL["lrs"][b]) and rep[choice]["steps"] == int(SMALL["record"][r])
+            assert np.isfinite(arrays["report.finetune_logp"][a, i]).all()
+            assert np.isfinite(arrays["report.control_logp"][a, i]).all()
+            if rep[choice]["lr"] == 0:  # no update: this rule, the control rule and no context all agree
+                assert np.array_equal(arrays["report.finetune_logp"][a, i], arrays["no_context_logp"][1:])
+                assert np.array_equal(arrays["report.control_logp"][a, i], arrays["no_context_logp"][1:])
+            else:  # the control trains on other answers, so it lands elsewhere
+                assert not np.array_equal(arrays["report.finetune_logp"][a, i], arrays["report.control_logp"][a, i])
+            for key in ("finetune_p", "control_p", "gap", "control_gap", "gap_diff", "p_diff"):
+                mean, lo, hi = rep[choice][key]
+                assert lo <= mean + 1e-12 and mean <= hi + 1e-12, key
+        # the report set's in-context numbers are over its own contexts
+        assert rep["icl_p"][0] == pytest.approx(float(np.exp(arrays["icl_logp"][a, 1:].astype(np.float64)).mean()))
+
+
+def test_choose_settings_on_planted_sweeps():
+    gap = np.array([[3.0, 2.0, np.nan], [1.5, 0.5, 4.0]])  # [lr, step]; NaN is a diverged run
+    p_correct = np.array([[0.1, 0.2, np.nan], [0.3, 0.6, 0.9]])
+    assert cp.choose_settings(gap, p_correct) == {"closest": (1, 1), "most_accurate": (1, 2)}
+    assert cp.choose_settings(np.ones((2, 2)), np.zeros((2, 2))) == {"closest": (0, 0), "most_accurate": (0, 0)}
 
 
 def test_weights_restored_and_deterministic(small_run, timing_keys):
@@ -139,24 +170,37 @@ def test_params_are_validated():
     with pytest.raises(ValueError):
         dataclasses.replace(cp.Params(), task="random").validate()
     with pytest.raises(ValueError):
+        dataclasses.replace(cp.Params(), control_task="plus-1").validate()  # the control must be another rule
+    with pytest.raises(ValueError):
+        dataclasses.replace(cp.Params(), n_select=11).validate()  # one context is too few to report
+    with pytest.raises(ValueError):
         dataclasses.replace(cp.Params(), record=("11",)).validate()
     p = cp.Params()
     assert cp.content_digest(p) != cp.content_digest(dataclasses.replace(p, seed=1))
 
 
 def test_committed_result_for_the_default_model():
-    """The cached run: the context helps, fine-tuning never reproduces it, and the weights came back."""
+    """The cached run: the context helps, the chosen settings come from the selection set, fine-tuning
+    never reproduces the in-context prediction, the control rule does not teach this one, and the weights
+    came back."""
     entry, _ = experiments.run("c2w_pretrained", Config(cache_mode="readonly"))
     A, D = entry.arrays, entry.data
-    assert D["weights_restored"]
-    assert np.all(A["mean.icl_p"] > 10 * A["mean.no_context_p"])  # the model learns the rule in context
-    assert np.all(np.isfinite(A["gap"])) and np.all(A["gap"] > 0)
-    # the closest fine-tuned prediction still leaves a tenth or more of the context's divergence
-    for k, b in D["best"].items():
-        assert 0.1 * b["gap_no_update"] < b["gap"] < b["gap_no_update"], k
-    # every learning rate changes the prediction, and fine-tuning lowers the loss on the context lines
-    assert np.all(A["finetune_moved"][:, :, -1].mean(axis=(-1, -2)) > 0.1)
-    assert np.all(np.nanmean(A["train_loss"][:, :, -1], -1) < np.nanmean(A["train_loss"][:, :, 0], -1))
+    P = cp.Params()
+    assert D["weights_restored"] and D["n_report"] == P.n_contexts - P.n_select
+    assert np.all(A["select.mean.icl_p"] > 10 * A["select.mean.no_context_p"])  # learnt in context
+    for a, (k, rep) in enumerate(D["report"].items()):
+        chosen = cp.choose_settings(A["select.mean.gap"][a], A["select.mean.finetune_p"][a])
+        for choice, (b, r) in chosen.items():
+            assert (rep[choice]["lr"], rep[choice]["steps"]) == (float(P.lrs[b]), int(P.record[r]))
+        closest = rep["closest"]
+        # the closest fine-tuned prediction still leaves a tenth or more of the context's divergence
+        assert 0.1 * rep["gap_no_update"][0] < closest["gap"][0] < rep["gap_no_update"][0], k
+        assert rep["icl_p"][0] > 10 * rep["no_context_p"][0]
+        # the control rule's lines teach this rule far less than its own lines do
+        assert rep["most_accurate"]["p_diff"][1] > 0.3 and rep["closest"]["gap_diff"][1] > 0
+    # fine-tuning lowers the loss on the context lines
+    L = A["select.train_loss"]
+    assert np.all(np.nanmean(L[:, 1:, -1], -1) < np.nanmean(L[:, 1:, 0], -1))
 
 
 def test_a_bf16_llama_folder_runs_through_the_cli(tmp_path, monkeypatch):
@@ -167,7 +211,7 @@ def test_a_bf16_llama_folder_runs_through_the_cli(tmp_path, monkeypatch):
     folder = models.write_random_llama3(tmp_path / "bf16", dtype="bfloat16")
     monkeypatch.setenv("ICL_CACHE_DIR", str(tmp_path / "cache"))
     code = cli.main(["run", "c2w_pretrained", "--model", str(folder), "--device", "cpu",
-                     "--set", "ks=1", "--set", "n_contexts=2", "--set", "n_query=1", "--set", "steps=1",
+                     "--set", "ks=1", "--set", "n_contexts=3", "--set", "n_select=1", "--set", "n_query=1", "--set", "steps=1",
                      "--set", "record=1", "--set", "lrs=0.001", "--set", "layers=1"])
     assert code == 0
     metas = list((tmp_path / "cache").rglob("meta.json"))

@@ -224,8 +224,8 @@ TOY = {
     "function_vectors": {"tasks": "plus-1,identity", "k": "3", "n_clean": "3", "n_corrupt": "2",
                          "n_top": "2", "n_random": "1", "ablate_tasks": "plus-1,identity", "k_ablate": "2",
                          "n_ablate": "2", "n_boot": "20"},
-    "c2w_pretrained": {"ks": "1,2", "lrs": "0.001", "steps": "2", "record": "1,2", "n_contexts": "2",
-                       "n_query": "2", "layers": "1"},
+    "c2w_pretrained": {"ks": "1,2", "lrs": "0.001", "steps": "2", "record": "1,2", "n_contexts": "3",
+                       "n_select": "1", "n_query": "2", "layers": "1"},
 }
 
 
@@ -294,4 +294,4 @@ def test_model_experiment_runs_on_the_real_vocabulary(name, real_vocab, tok, tmp
     elif name == "c2w_pretrained":
         assert data["weights_restored"] is True
         assert abs(float(arrays["icl_logp"].mean()) + 2 * log_v) < 1.5  # number token + ")\n"
-        assert np.isfinite(arrays["finetune_logp"]).all()
+        assert np.isfinite(arrays["select.finetune_logp"]).all() and np.isfinite(arrays["report.control_logp"]).all()

@@ -129,3 +129,48 @@ def test_predict_reads_the_context():
             X = torch.cat([t.X, t.Xq[:, j:j + 1]], 1)
             y = torch.cat([t.y, torch.zeros(2, 1)], 1)
             assert torch.allclose(model.predict_all(X, y)[:, -1], full[:, j], atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 8])
+def test_gd_path_closed_form_equals_a_plain_gradient_descent_loop(k):
+    d = 5
+    t = rg.sample_tasks(60, k, d, 0.25, torch.Generator().manual_seed(k), n_query=3, dtype=torch.float64)
+    lrs = torch.tensor([0.01, 0.1, 0.3], dtype=torch.float64)
+    path = rg.gd_path(t.X, t.y, t.Xq, lrs, [1, 3, 7])  # [t, lr, n, m]
+    assert path.shape == (3, 3, 60, 3)
+    for li, lr in enumerate(lrs):
+        w = torch.zeros(60, d, dtype=torch.float64)
+        for step in range(1, 8):
+            w = w - lr * torch.einsum("nkd,nk->nd", t.X, torch.einsum("nkd,nd->nk", t.X, w) - t.y) / k
+            if step in (1, 3, 7):
+                direct = torch.einsum("nmd,nd->nm", t.Xq, w)
+                got = path[[1, 3, 7].index(step), li]
+                assert torch.allclose(got, direct, rtol=1e-9, atol=1e-11), (k, float(lr), step)
+    # one step is gd_step; many small steps reach min-norm least squares (GD from 0 stays in the row space)
+    assert torch.allclose(path[0, 1], rg.gd_step(t.X, t.y, t.Xq, 0.1), atol=1e-12)
+    if k != d:  # at k = d the slowest direction needs far more steps
+        far = rg.gd_path(t.X, t.y, t.Xq, torch.tensor([0.05], dtype=torch.float64), [200_000])[0, 0]
+        assert torch.allclose(far, rg.least_squares(t.X, t.y, t.Xq), rtol=1e-4, atol=1e-6)
+
+
+def test_gd_path_relative_step_sizes_are_per_prompt_and_stable():
+    t = rg.sample_tasks(200, 12, 5, 0.25, torch.Generator().manual_seed(0), dtype=torch.float64)
+    lam_max = torch.linalg.eigvalsh(t.X.transpose(1, 2) @ t.X / 12)[:, -1]
+    rel = rg.gd_path(t.X, t.y, t.Xq, torch.tensor([0.5, 1.5], dtype=torch.float64), [1, 20_000], relative=True)
+    assert torch.allclose(rel[0, 0], rg.gd_step(t.X, t.y, t.Xq, (0.5 / lam_max)[:, None]), atol=1e-12)
+    assert torch.allclose(rel[1, 1], rg.least_squares(t.X, t.y, t.Xq), rtol=1e-4, atol=1e-6)  # stable: converges
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.5])
+def test_hill_tail_index_recovers_a_planted_power_law(alpha):
+    rng = np.random.default_rng(0)
+    v = (1 - rng.random(200_000)) ** (-1 / alpha)  # Pareto: P(V > v) = v^-alpha for v >= 1
+    est = rg.hill_tail_index(v, 2000)
+    assert abs(est - alpha) < 4 * alpha / np.sqrt(2000)
+    with pytest.raises(ValueError):
+        rg.hill_tail_index(v, 0)
+
+
+def test_prediction_gap_is_the_squared_difference_over_d():
+    a, b = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0])
+    assert torch.equal(rg.prediction_gap(a, b, 2), torch.tensor([0.5, 2.0]))

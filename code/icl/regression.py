@@ -86,6 +86,55 @@ def best_gd_lr(X: torch.Tensor, y: torch.Tensor, Xq: torch.Tensor, yq: torch.Ten
     return float((a * yq).sum() / (a * a).sum())
 
 
+def gd_path(X: torch.Tensor, y: torch.Tensor, Xq: torch.Tensor, lrs: torch.Tensor,
+            steps: list[int], relative: bool = False) -> torch.Tensor:
+    """``t`` steps of gradient descent from ``w = 0`` on ``(1/2k) Σ (w·x_i − y_i)²``, for every step size in
+    ``lrs`` ``[L]`` and every ``t`` in ``steps``, predicting the queries: returns ``[len(steps), L, n, m]``.
+
+    In closed form: with ``H = XᵀX/k = V diag(λ) Vᵀ`` and ``b = Xᵀy/k``, the iterate is
+    ``w_t = V diag((1 − (1 − ηλ_i)^t) / λ_i) Vᵀ b`` (``ηt`` where ``λ_i = 0``), so every ``(t, η)`` costs one
+    elementwise product after one batched eigendecomposition. With one step this is :func:`gd_step`; as
+    ``t → ∞`` with a stable step size it tends to minimum-norm least squares (GD from 0 stays in the row
+    space of ``X``). With ``relative``, each prompt's step size is ``lrs / λ_max`` of its own ``XᵀX/k``,
+    so any factor below 2 is stable on every prompt (a fixed step size diverges on the rare prompts whose
+    ``λ_max`` is large, which gives GD the heavy tail of least squares).
+    """
+    k = X.shape[-2]
+    lam, V = torch.linalg.eigh(X.transpose(-1, -2) @ X / k)  # [n, d], [n, d, d]
+    lam = lam.clamp_min(0.0)
+    b = (V.transpose(-1, -2) @ (X.transpose(-1, -2) @ y[..., None]))[..., 0] / k  # [n, d]: Vᵀ b
+    q = Xq @ V  # [n, m, d]: queries in the eigenbasis
+    eta = lrs.to(X.dtype).view(-1, *[1] * lam.ndim)  # [L, 1, 1]
+    if relative:
+        eta = eta / lam.max(-1, keepdim=True).values.clamp_min(1e-12)  # [L, n, 1]
+    small = lam < 1e-12
+    out = []
+    for t in steps:
+        el = eta * lam  # [L, n, d]
+        # 1 − (1 − ηλ)^t, computed without cancellation where ηλ is small
+        one_minus = torch.where(el < 1, -torch.expm1(t * torch.log1p(-el.clamp(max=1 - 1e-16))), 1 - (1 - el) ** t)
+        f = torch.where(small, eta * t, one_minus / torch.where(small, torch.ones_like(lam), lam))  # [L, n, d]
+        out.append(torch.einsum("nmd,lnd->lnm", q, f * b))
+    return torch.stack(out)
+
+
+def prediction_gap(a: torch.Tensor | "np.ndarray", b: torch.Tensor | "np.ndarray", d: int):
+    """Squared prediction difference ``(a − b)² / d``, elementwise: the agreement measure of Akyürek et
+    al. (2023) in the units of :func:`excess_error` (1 is the size of the prediction 0's error)."""
+    return (a - b) ** 2 / d
+
+
+def hill_tail_index(values: "np.ndarray", tail: int) -> float:
+    """Hill's estimate of the tail index ``α`` of positive ``values`` from their ``tail`` largest:
+    ``P(V > v) ~ v^{-α}``. The mean of ``V`` is finite only for ``α > 1``; ``α ≤ 1`` means it diverges."""
+    import numpy as np
+
+    v = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    if not 1 <= tail < len(v) or v[tail] <= 0:
+        raise ValueError("need 1 <= tail < len(values) and positive values")
+    return float(1.0 / np.mean(np.log(v[:tail] / v[tail])))
+
+
 # ------------------------------------------------------------------------------ the transformer
 @dataclass(frozen=True)
 class RegressionConfig:

@@ -60,6 +60,8 @@ REGISTRY: dict[str, str] = {
     "contexts_to_weights": "icl.experiments.contexts_to_weights",
     "c2w_toy": "icl.experiments.c2w_toy",
     "c2w_pretrained": "icl.experiments.c2w_pretrained",
+    "regression_agreement": "icl.experiments.regression_agreement",
+    "task_diversity": "icl.experiments.task_diversity",
     "slt_free_energy": "icl.experiments.slt_free_energy",
     "slt_llc": "icl.experiments.slt_llc",
     "llc_phase_change": "icl.experiments.llc_phase_change",
