@@ -28,6 +28,9 @@ def test_last_layer_is_the_model_output(tiny_llama):
         _, is_top = token_logprobs(tiny_llama.bridge, [enc.ids], 0)
         assert (res.rank_first[i, -1] == 0) == bool(is_top[0, first])
         assert np.isclose(np.log(res.p_first[i, -1]), float(_[0, first]), atol=1e-4)
+        # the last digit is the token before ")" (single-byte tokens here)
+        last = enc.answer_tokens[-1][-2]
+        assert np.isclose(res.logp_last[i, -1], float(_[0, last]), atol=1e-4)
     assert (res.number_mass >= 0).all() and (res.number_mass <= 1 + 1e-6).all()
 
 

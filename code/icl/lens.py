@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from icl.runner import LlamaStack
-from icl.scoring import encode
+from icl.scoring import encode, last_digit_index
 from icl.tasks import Prompt
 
 
@@ -45,6 +45,7 @@ class LensResult:
     rank_first: np.ndarray  # [n_prompts, n_layers + 1] its rank (0 = argmax)
     number_mass: np.ndarray  # [n_prompts, n_layers + 1] probability on number tokens (first answer position)
     logp_answer: np.ndarray  # [n_prompts, n_layers + 1] teacher-forced log-prob of the whole answer (nats)
+    logp_last: np.ndarray  # [n_prompts, n_layers + 1] log-prob of the answer's last digit, the digits before it given
 
 
 @torch.inference_mode()
@@ -58,7 +59,9 @@ def answer_lens(stack: LlamaStack, tokenizer, prompts: list[Prompt], batch_size:
     rank = np.zeros((n, L1), dtype=np.int64)
     mass = np.zeros((n, L1))
     logp_ans = np.zeros((n, L1))
+    logp_last = np.zeros((n, L1))
     encoded = [encode(tokenizer, p) for p in prompts]
+    last_idx = torch.tensor([last_digit_index(tokenizer, p, e) for p, e in zip(prompts, encoded)])
     for start in range(0, n, batch_size):
         chunk = encoded[start:start + batch_size]
         R = len(chunk)
@@ -85,4 +88,5 @@ def answer_lens(stack: LlamaStack, tokenizer, prompts: list[Prompt], batch_size:
             rank[rows, layer] = (first > tgt[:, :1]).sum(-1).cpu().numpy()
             mass[rows, layer] = first.exp()[:, numbers].sum(-1).cpu().numpy()
             logp_ans[rows, layer] = (tgt * valid).sum(-1).double().cpu().numpy()
-    return LensResult(p_first, rank, mass, logp_ans)
+            logp_last[rows, layer] = tgt.gather(1, last_idx[rows].to(tgt.device)[:, None])[:, 0].cpu().numpy()
+    return LensResult(p_first, rank, mass, logp_ans, logp_last)

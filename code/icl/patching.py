@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from icl.runner import LlamaStack, PatchingError, Restart
-from icl.scoring import _tokens_in, encode
+from icl.scoring import encode, last_digit_index
 from icl.tasks import Prompt
 
 KINDS = ("resid_pre", "attn_out", "mlp_out")
@@ -81,10 +81,7 @@ def make_pairs(tokenizer, prompts: Sequence[Prompt]) -> PatchPairs:
         enc = encode(tokenizer, p)
         first = enc.answer_tokens[-1][0]
         answers.append(tuple(enc.ids[t] for t in enc.answer_tokens[-1]))
-        a0 = p.answer_spans[-1][0]
-        offsets = tokenizer(p.text, return_offsets_mapping=True, add_special_tokens=True)["offset_mapping"]
-        digits = _tokens_in([tuple(o) for o in offsets], a0, a0 + len(str(p.ys[-1])))
-        last_digit.append(enc.answer_tokens[-1].index(digits[-1]))
+        last_digit.append(last_digit_index(tokenizer, p, enc))
         a = enc.ids[:first]
         line_start = p.line_spans[-1][0]
         query = p.text[line_start:p.answer_spans[-1][0]]  # "(x, "

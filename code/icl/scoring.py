@@ -62,6 +62,16 @@ def encode(tokenizer, prompt: Prompt) -> EncodedPrompt:
     return EncodedPrompt(ids, tuple(answers), tuple(lines))
 
 
+def last_digit_index(tokenizer, prompt: Prompt, encoded: EncodedPrompt, example: int = -1) -> int:
+    """Index, within ``encoded.answer_tokens[example]``, of the token that holds the last digit of that
+    example's answer (the answer span is ``y)``, so the closing parenthesis, or a token fused with it,
+    can come after it)."""
+    a0 = prompt.answer_spans[example][0]
+    offsets = tokenizer(prompt.text, return_offsets_mapping=True, add_special_tokens=True)["offset_mapping"]
+    digits = _tokens_in([tuple(o) for o in offsets], a0, a0 + len(str(prompt.ys[example])))
+    return encoded.answer_tokens[example].index(digits[-1])
+
+
 @dataclass(frozen=True)
 class ExampleScores:
     answer_nats: np.ndarray  # [n_prompts, k] surprisal of each example's full answer

@@ -25,7 +25,7 @@ from icl.scoring import encode
 from icl.stats import bootstrap_mean_ci, first_at_least, first_at_least_range
 
 NAME = "logit_lens"
-VERSION = 3  # 2: base rates (modal first token, answer support) beside every accuracy; 3: bootstrap ranges of the first layers
+VERSION = 4  # 2: base rates (modal first token, answer support) beside every accuracy; 3: bootstrap ranges of the first layers; 4: the last digit, and carries apart
 CHAPTER = "report/03-logit-lens.qmd"
 USES_MODEL = True
 DESCRIPTION = "logit lens at the answer position: P(correct first token), rank, number-token mass per layer"
@@ -81,10 +81,11 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
         arrays[f"{name}.rank_first"] = res.rank_first.astype(np.int32)
         arrays[f"{name}.number_mass"] = res.number_mass.astype(np.float32)
         arrays[f"{name}.logp_answer"] = res.logp_answer.astype(np.float32)
+        arrays[f"{name}.logp_last"] = res.logp_last.astype(np.float32)
         curves = {}
         for key, values in (("p_first", res.p_first), ("number_mass", res.number_mass),
                             ("top1", (res.rank_first == 0).astype(float)),
-                            ("logp_answer", res.logp_answer)):
+                            ("logp_answer", res.logp_answer), ("logp_last", res.logp_last)):
             m, lo, hi = bootstrap_mean_ci(values, n_boot=params.n_boot, seed=params.seed)
             arrays[f"{name}.{key}.mean"], arrays[f"{name}.{key}.lo"], arrays[f"{name}.{key}.hi"] = m, lo, hi
             curves[key] = m
@@ -102,6 +103,22 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
             if which.sum() >= 2:
                 split[label] = [float(v[0]) for v in bootstrap_mean_ci(top1_final[which], n_boot=params.n_boot,
                                                                        seed=params.seed)] + [int(which.sum())]
+        # y = x + b: answers whose units digit carries behave differently (chapter 1); split them
+        carry = tasks.carries(name, np.array([p.xs[-1] for p in prompts]))
+        by_carry = {}
+        if carry is not None:
+            arrays[f"{name}.carry"] = carry
+            for label, which in (("carry", carry), ("no_carry", ~carry)):
+                if which.sum() >= 2:
+                    for key, values in (("logp_answer", res.logp_answer), ("logp_last", res.logp_last)):
+                        m, lo, hi = bootstrap_mean_ci(values[which], n_boot=params.n_boot, seed=params.seed)
+                        arrays[f"{name}.{key}.{label}.mean"] = m
+                        arrays[f"{name}.{key}.{label}.lo"], arrays[f"{name}.{key}.{label}.hi"] = lo, hi
+                    by_carry[label] = {"n": int(which.sum()),
+                                       "final_logp_answer": [float(arrays[f"{name}.logp_answer.{label}.{s}"][-1])
+                                                             for s in ("mean", "lo", "hi")],
+                                       "final_logp_last": [float(arrays[f"{name}.logp_last.{label}.{s}"][-1])
+                                                           for s in ("mean", "lo", "hi")]}
         is_number = first_layer(curves["number_mass"], 0.5)
         is_right = first_layer(curves["top1"], 0.5)
         summary[name] = {
@@ -117,6 +134,8 @@ def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[st
             "final_top1": float(curves["top1"][-1]),
             "final_number_mass": float(curves["number_mass"][-1]),
             "final_logp_answer": float(curves["logp_answer"][-1]),
+            "final_logp_last": float(curves["logp_last"][-1]),
+            "by_carry": by_carry,  # y = x + b only: final whole answer and last digit, carries apart
             "modal_first_token": model.tokenizer.decode([modal]),
             "modal_rate": float(is_modal.mean()),  # top-1 accuracy of always naming the modal first token
             "final_top1_by_first_token": split,  # [mean, lo, hi, n] for answers that start with it / not
