@@ -71,10 +71,12 @@ SKIP_NO_QUARTO = pytest.mark.skipif(quarto.quarto_executable() is None,
 def rendered(tmp_path_factory, request):
     """The book rendered cold by the real ``quarto render`` in a copy of the project (nothing frozen)."""
     root = tmp_path_factory.mktemp("book")
-    for name in ["_quarto.yml", "index.qmd", "references.bib", "report", "code", "cache"]:
+    # benchmarks/results: Appendix B reads the memory benchmark's table from there
+    for name in ["_quarto.yml", "index.qmd", "references.bib", "report", "code", "cache", "benchmarks/results"]:
         src = REPO_ROOT / name
         if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+                            dirs_exist_ok=True)
         else:
             shutil.copy2(src, root / name)
     env = {"ICL_CACHE": "readonly", "ICL_MODEL": "smollm2-135m", "ICL_CACHE_DIR": str(root / "cache")}
