@@ -147,8 +147,7 @@ def answer_scores(stack: LlamaStack, pairs: PatchPairs, z_edit: Any = None, batc
         rows = list(range(start, min(pairs.n, start + batch_size)))
         seqs = [list(pairs.a_ids[i]) + answers[i, : M - 1].tolist() for i in rows]
         lens = torch.tensor([len(pairs.a_ids[i]) for i in rows])
-        ids = torch.tensor(seqs, dtype=torch.long) if len({len(x) for x in seqs}) == 1 else torch.nn.utils.rnn.pad_sequence(
-            [torch.tensor(x) for x in seqs], batch_first=True)
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(x, dtype=torch.long) for x in seqs], batch_first=True)
         where = lens[:, None] - 1 + torch.arange(M)[None]  # [R, M] positions predicting the answer tokens
         tr = stack.forward(ids, keep=where, keep_kv=False, z_edit=z_edit)
         logp = torch.log_softmax(tr.logits.float(), -1)

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,12 @@ class Tasks:
     y: torch.Tensor  # [n, k] context targets (noisy)
     Xq: torch.Tensor  # [n, m, d] queries
     yq: torch.Tensor  # [n, m] noiseless targets w·x of the queries
+
+    def hash_into(self, h: Any) -> None:
+        """Feed the prompts' content (``w``, ``X``, ``y``) to a hashlib object: the experiments'
+        ``content_digest``."""
+        for a in (self.w, self.X, self.y):
+            h.update(a.numpy().tobytes())
 
 
 def sample_tasks(n: int, k: int, d: int, noise: float, generator: torch.Generator, n_query: int = 1,
@@ -118,17 +126,15 @@ def gd_path(X: torch.Tensor, y: torch.Tensor, Xq: torch.Tensor, lrs: torch.Tenso
     return torch.stack(out)
 
 
-def prediction_gap(a: torch.Tensor | "np.ndarray", b: torch.Tensor | "np.ndarray", d: int):
+def prediction_gap(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, d: int):
     """Squared prediction difference ``(a − b)² / d``, elementwise: the agreement measure of Akyürek et
     al. (2023) in the units of :func:`excess_error` (1 is the size of the prediction 0's error)."""
     return (a - b) ** 2 / d
 
 
-def hill_tail_index(values: "np.ndarray", tail: int) -> float:
+def hill_tail_index(values: np.ndarray, tail: int) -> float:
     """Hill's estimate of the tail index ``α`` of positive ``values`` from their ``tail`` largest:
     ``P(V > v) ~ v^{-α}``. The mean of ``V`` is finite only for ``α > 1``; ``α ≤ 1`` means it diverges."""
-    import numpy as np
-
     v = np.sort(np.asarray(values, dtype=np.float64))[::-1]
     if not 1 <= tail < len(v) or v[tail] <= 0:
         raise ValueError("need 1 <= tail < len(values) and positive values")

@@ -84,8 +84,7 @@ def eval_tasks(p: Params) -> tuple[rg.Tasks, rg.Tasks]:
 def content_digest(p: Params) -> str:
     h = hashlib.sha256()
     for t in eval_tasks(p):
-        for a in (t.w, t.X, t.y):
-            h.update(a.numpy().tobytes())
+        t.hash_into(h)
     return h.hexdigest()
 
 

@@ -110,8 +110,7 @@ def ls_ks(d: int) -> list[int]:
 def content_digest(p: Params) -> str:
     h = hashlib.sha256()
     for t in eval_sets(p):
-        for a in (t.w, t.X, t.y):
-            h.update(a.numpy().tobytes())
+        t.hash_into(h)
     return h.hexdigest()
 
 

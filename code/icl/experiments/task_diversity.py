@@ -104,9 +104,7 @@ def new_task_prompts(p: Params) -> rg.Tasks:
 
 def content_digest(p: Params) -> str:
     h = hashlib.sha256()
-    t = new_task_prompts(p)
-    for a in (t.w, t.X, t.y):
-        h.update(a.numpy().tobytes())
+    new_task_prompts(p).hash_into(h)
     for M, s in model_grid(p):
         h.update(task_pool(p, M, s).numpy().tobytes())
     return h.hexdigest()
