@@ -229,6 +229,17 @@ TOY = {
 }
 
 
+def test_default_icl_score_windows_exist_for_the_llama3_tokenizer(tok):
+    """Llama-3 packs the shipped text into fewer tokens than SmolLM2: the default window count must still
+    be there (128 was not: 121 windows, and ``run all --model llama-3-8b`` stopped at icl_score)."""
+    from icl.experiments import icl_score
+
+    params = icl_score.Params()
+    wins, docs = icl_score.windows(tok, params, with_documents=True)
+    assert len(wins) == params.n_windows and all(len(w) == params.window for w in wins)
+    assert wins[0][0] == tok.bos_token_id and len(np.unique(docs)) >= 10
+
+
 def test_the_toy_runs_cover_every_model_experiment():
     assert set(TOY) == {n for n in experiments.names() if experiments.get(n).USES_MODEL}
 
