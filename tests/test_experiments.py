@@ -198,3 +198,32 @@ def test_forward_only_experiments_run_in_their_cpu_dtype_unless_one_is_asked_for
     key_bf16 = experiments.key_inputs(surprisal, experiments.make_params(surprisal), base)
     key_fp32 = experiments.key_inputs(surprisal, experiments.make_params(surprisal), base.with_(dtype="float32"))
     assert key_bf16["model"]["dtype"] == "bfloat16" and key_fp32["model"]["dtype"] == "float32"
+
+
+def test_every_compute_runs_with_its_thread_count_and_restores_the_callers():
+    import sys
+    import types
+
+    import torch
+
+    for name in experiments.names():
+        assert hasattr(experiments.get(name).compute, "__wrapped__"), f"{name}.compute lacks @with_threads"
+    mod = types.ModuleType("fake_threads_experiment")
+    mod.THREADS = 1
+    seen = []
+
+    def compute():
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("boom")
+
+    compute.__module__ = mod.__name__
+    sys.modules[mod.__name__] = mod
+    try:
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError):
+            experiments.with_threads(compute)()
+        assert seen == [1] and torch.get_num_threads() == 2  # restored even after an error
+    finally:
+        torch.set_num_threads(before)
+        del sys.modules[mod.__name__]

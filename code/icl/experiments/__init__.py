@@ -562,6 +562,28 @@ def run(name: str, config: Config, params: Any = None, progress: bool = False,
     return cache.store(inputs, arrays, data, provenance), loaded
 
 
+def with_threads(compute: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an experiment's ``compute`` so that it runs with the module's thread count
+    (:func:`threads_of`) however it is called, and the caller's count is restored afterwards.
+
+    :func:`run` already does this around every compute; the decorator keeps a direct call (a test, a
+    notebook) from computing with another count or leaving the process at one thread."""
+    import functools
+
+    @functools.wraps(compute)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads_of(sys.modules[compute.__module__]))
+        try:
+            return compute(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
 def threads_of(module: ModuleType) -> int:
     """The torch thread count an experiment computes with: its ``THREADS`` (default 1).
 

@@ -32,7 +32,7 @@ import torch
 from scipy import stats as scipy_stats
 
 from icl import ablation, patching, tasks
-from icl.experiments import TASKS, between, reporter
+from icl.experiments import TASKS, between, reporter, with_threads
 from icl.experiments.patching import bootstrap_recovered, first_layer_distribution
 from icl.experiments.patching import prompts_for as patching_prompts
 from icl.experiments.patching import Params as PatchingParams
@@ -145,9 +145,9 @@ def _recovered(tag: str, grids: dict[str, tuple[np.ndarray, ...]], params: Param
     return out
 
 
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False,
             upstream: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    torch.set_num_threads(THREADS)
     torch.manual_seed(params.seed)
     stack = LlamaStack(model.bridge)
     tok = model.tokenizer

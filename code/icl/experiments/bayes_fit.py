@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from icl import bayes, tasks
-from icl.experiments import between
+from icl.experiments import between, with_threads
 
 NAME = "bayes_fit"
 VERSION = 2  # 2: the same fit to the ideal learner, and the model-to-ideal ratio of the evidence per example
@@ -121,6 +121,7 @@ def ideal_comparison(answer_nats: np.ndarray, ideal_nats: np.ndarray, n_boot: in
             "ratio_ci": _ci(boot_arr[:, 1]) if np.isfinite(boot_arr[:, 1]).all() else None}
 
 
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False,
             upstream: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     source = upstream["surprisal"]

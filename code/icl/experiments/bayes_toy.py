@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from icl import timing, toymodels as tm
-from icl.experiments import between
+from icl.experiments import between, with_threads
 from icl.stats import bootstrap_mean_ci
 from icl.toybayes import RuleFamily, TinyGPT, answer_logprobs, exact_predictive, kl_per_example
 
@@ -91,14 +91,10 @@ def evaluate(model: TinyGPT, tokens: torch.Tensor, exact: torch.Tensor) -> dict[
     }
 
 
+@with_threads
 def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        return _train(params, progress)
-    finally:
-        torch.set_num_threads(threads)
+    return _train(params, progress)
 
 
 def load_net(params: Params, arrays: dict[str, np.ndarray]) -> TinyGPT:

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from icl import finetune as ft
 from icl import scoring, tasks, timing
 from icl.errors import ConfigError
-from icl.experiments import TASKS, between, each_float, each_int, one_of
+from icl.experiments import TASKS, between, each_float, each_int, one_of, with_threads
 from icl.stats import bootstrap_mean_ci
 
 NAME = "c2w_pretrained"
@@ -166,14 +166,10 @@ def choose_settings(gap: np.ndarray, p_correct: np.ndarray) -> dict[str, tuple[i
     return {"closest": (int(closest[0]), int(closest[1])), "most_accurate": (int(accurate[0]), int(accurate[1]))}
 
 
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        return _compute(params, model, progress)
-    finally:
-        torch.set_num_threads(threads)
+    return _compute(params, model, progress)
 
 
 def _ci(values: np.ndarray, p: Params) -> list[float]:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from icl import timing
-from icl.experiments import between, each_int, text
+from icl.experiments import between, each_int, text, with_threads
 from icl.toybayes import RuleFamily, answer_logprobs, exact_predictive, finetune_on_pairs, position0_params
 
 NAME = "c2w_toy"
@@ -113,15 +113,11 @@ def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(-1)
 
 
+@with_threads
 def compute(params: Params, model: Any = None, progress: bool = False,
             upstream: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        return _compute(params, upstream["bayes_toy"], progress)
-    finally:
-        torch.set_num_threads(threads)
+    return _compute(params, upstream["bayes_toy"], progress)
 
 
 def _compute(p: Params, toy_entry: Any, progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -34,7 +34,7 @@ import torch
 from scipy import stats as sstats
 
 from icl import ablation, models, tasks, taskvec
-from icl.experiments import TASKS, between, reporter
+from icl.experiments import TASKS, between, reporter, with_threads
 from icl.lens import number_token_mask
 from icl.runner import LlamaStack
 from icl.stats import benjamini_hochberg, bootstrap_mean_ci
@@ -157,6 +157,7 @@ def cie(stack: LlamaStack, pb: taskvec.PromptBatch, mean_z: torch.Tensor, bs: in
 
 
 @torch.inference_mode()
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)

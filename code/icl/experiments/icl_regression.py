@@ -25,7 +25,7 @@ import torch
 from icl import regression as rg
 from icl import timing
 from icl import toymodels as tm
-from icl.experiments import between
+from icl.experiments import between, with_threads
 from icl.stats import bootstrap_mean_ci
 
 NAME = "icl_regression"
@@ -198,45 +198,41 @@ def lsa_checks(p: Params) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return arrays, out
 
 
+@with_threads
 def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     p = params
     p.validate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        with timing.timed("train_seconds"):
-            net, losses = train_model(p, progress)
-        ev, cal = eval_tasks(p)
-        with torch.no_grad():
-            pred = net.predict_all(ev.X, ev.y).double().numpy()
-        truth = torch.einsum("nkd,nd->nk", ev.X.double(), ev.w.double()).numpy()
-        preds = {"transformer": pred, **baselines_by_k(ev, cal, p)}
-        lrs = preds.pop("gd_lrs")
-        arrays: dict[str, np.ndarray] = {"train_loss": np.asarray(losses, dtype=np.float32), "gd_lrs": lrs}
-        summary: dict[str, Any] = {}
-        for name, pr in preds.items():
-            err = (pr - truth) ** 2 / p.d
-            mean, lo, hi = bootstrap_mean_ci(err, n_boot=p.n_boot, seed=p.seed)
-            arrays[f"{name}.mean"], arrays[f"{name}.lo"], arrays[f"{name}.hi"] = mean, lo, hi
-            summary[name] = {str(k): [float(mean[k]), float(lo[k]), float(hi[k])] for k in range(p.max_k)}
-        # the transformer's prediction against ridge's, per k (how close to Bayes-optimal it is)
-        gap = (preds["transformer"] - preds["ridge"]) ** 2 / p.d
-        arrays["transformer_vs_ridge.mean"] = gap.mean(0)
-        arrays.update(tm.state_arrays(net, "model."))
-        lsa_arrays, lsa = lsa_checks(p)
-        arrays.update(lsa_arrays)
-        data = {
-            "errors": summary,
-            "n_params": sum(x.numel() for x in net.parameters()),
-            "final_train_loss": float(np.mean(losses[-100:])),
-            "lsa": lsa,
-            "threads": THREADS,
-            "params": json.loads(json.dumps(asdict(p))),
-            "ci_level": 0.95,
-        }
-        return arrays, data
-    finally:
-        torch.set_num_threads(threads)
+    with timing.timed("train_seconds"):
+        net, losses = train_model(p, progress)
+    ev, cal = eval_tasks(p)
+    with torch.no_grad():
+        pred = net.predict_all(ev.X, ev.y).double().numpy()
+    truth = torch.einsum("nkd,nd->nk", ev.X.double(), ev.w.double()).numpy()
+    preds = {"transformer": pred, **baselines_by_k(ev, cal, p)}
+    lrs = preds.pop("gd_lrs")
+    arrays: dict[str, np.ndarray] = {"train_loss": np.asarray(losses, dtype=np.float32), "gd_lrs": lrs}
+    summary: dict[str, Any] = {}
+    for name, pr in preds.items():
+        err = (pr - truth) ** 2 / p.d
+        mean, lo, hi = bootstrap_mean_ci(err, n_boot=p.n_boot, seed=p.seed)
+        arrays[f"{name}.mean"], arrays[f"{name}.lo"], arrays[f"{name}.hi"] = mean, lo, hi
+        summary[name] = {str(k): [float(mean[k]), float(lo[k]), float(hi[k])] for k in range(p.max_k)}
+    # the transformer's prediction against ridge's, per k (how close to Bayes-optimal it is)
+    gap = (preds["transformer"] - preds["ridge"]) ** 2 / p.d
+    arrays["transformer_vs_ridge.mean"] = gap.mean(0)
+    arrays.update(tm.state_arrays(net, "model."))
+    lsa_arrays, lsa = lsa_checks(p)
+    arrays.update(lsa_arrays)
+    data = {
+        "errors": summary,
+        "n_params": sum(x.numel() for x in net.parameters()),
+        "final_train_loss": float(np.mean(losses[-100:])),
+        "lsa": lsa,
+        "threads": THREADS,
+        "params": json.loads(json.dumps(asdict(p))),
+        "ci_level": 0.95,
+    }
+    return arrays, data
 
 
 def load_model(entry: Any) -> rg.RegressionTransformer:

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from icl.errors import ConfigError
-from icl.experiments import between
+from icl.experiments import between, with_threads
 from icl.scoring import token_logprobs
 from icl.stats import bootstrap_mean_ci, cluster_bootstrap_mean_ci
 
@@ -119,6 +119,7 @@ def windows(tokenizer, params: Params, with_documents: bool = False):
     return out[: params.n_windows]
 
 
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
     torch.manual_seed(params.seed)

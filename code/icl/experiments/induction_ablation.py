@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from icl import ablation, tasks, timing
-from icl.experiments import TASKS, between, reporter, text
+from icl.experiments import TASKS, between, reporter, text, with_threads
 from icl.experiments import icl_score as icl_score_exp
 from icl.experiments import induction_heads as ih_exp
 from icl.runner import LlamaStack
@@ -179,10 +179,10 @@ def _test(harm: np.ndarray, params: Params) -> dict[str, Any]:
 
 
 @torch.inference_mode()
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False, upstream: dict[str, Any] | None = None
             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
-    torch.set_num_threads(THREADS)
     torch.manual_seed(params.seed)
     say = reporter(NAME, progress)
     bridge, tok = model.bridge, model.tokenizer

@@ -32,7 +32,7 @@ import torch
 
 from icl import heads, tasks
 from icl.errors import ConfigError
-from icl.experiments import TASKS, between, reporter
+from icl.experiments import TASKS, between, reporter, with_threads
 from icl.runner import LlamaStack
 from icl.scoring import encode
 from icl.stats import bootstrap_mean_ci
@@ -134,8 +134,8 @@ def unembed_embed(stack: LlamaStack, block_bytes: int = UE_BLOCK_BYTES) -> torch
 
 
 @torch.inference_mode()
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    torch.set_num_threads(THREADS)
     torch.manual_seed(params.seed)
     bridge, tok = model.bridge, model.tokenizer
     stack = LlamaStack(bridge)

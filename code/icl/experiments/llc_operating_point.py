@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from icl import slt, timing, toymodels as tm
-from icl.experiments import between, each_float, llc_phase_change as lpc, phase_change as pc, slt_llc, text
+from icl.experiments import between, each_float, llc_phase_change as lpc, phase_change as pc, slt_llc, text, with_threads
 
 NAME = "llc_operating_point"
 VERSION = 1
@@ -254,6 +254,7 @@ def crossing_n(dL: float, dlam: float) -> float:
     return float(math.sqrt(lo * hi))
 
 
+@with_threads
 def compute(params: Params, model: Any = None, progress: bool = False,
             upstream: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     p = params
@@ -265,150 +266,145 @@ def compute(params: Params, model: Any = None, progress: bool = False,
     lp = lpc.Params(**{k: tuple(v) if isinstance(v, list) else v for k, v in lp_entry.data["params"].items()})
     if lp != _LP:
         raise ValueError("llc_operating_point analyses llc_phase_change at its default parameters")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        torch.manual_seed(p.seed)
-        np.random.seed(p.seed)
-        rng = np.random.default_rng(p.seed)
-        with timing.timed("calibration_seconds"):
-            arrays, calib = calibrate(p, lp, say)
+    torch.manual_seed(p.seed)
+    np.random.seed(p.seed)
+    rng = np.random.default_rng(p.seed)
+    with timing.timed("calibration_seconds"):
+        arrays, calib = calibrate(p, lp, say)
 
-        q = lpc.pc_params(lp)
-        data, _, _, _ = pc.eval_sets(q)
-        tokens = lpc.llc_sample(lp, data)  # [n, n_ctx]: the sample that defines L_n
-        per_seq = tokens.shape[1] - 1
-        steps = lpc.checkpoint_steps(lp)
-        states = lpc._stored(q, steps, upstream)
-        if states is None:
-            raise ValueError("the phase_change entry does not hold llc_phase_change's checkpoints")
-        transition = lp_entry.data["transition_induction"]
-        ref = lpc.reference_checkpoints(steps, transition)
-        la = lp_entry.arrays
-        base_chains = {int(s): la["llc_chains"][k] for k, s in enumerate(la["ckpt_step"])}
-        nbeta = lp.n / math.log(lp.n)
+    q = lpc.pc_params(lp)
+    data, _, _, _ = pc.eval_sets(q)
+    tokens = lpc.llc_sample(lp, data)  # [n, n_ctx]: the sample that defines L_n
+    per_seq = tokens.shape[1] - 1
+    steps = lpc.checkpoint_steps(lp)
+    states = lpc._stored(q, steps, upstream)
+    if states is None:
+        raise ValueError("the phase_change entry does not hold llc_phase_change's checkpoints")
+    transition = lp_entry.data["transition_induction"]
+    ref = lpc.reference_checkpoints(steps, transition)
+    la = lp_entry.arrays
+    base_chains = {int(s): la["llc_chains"][k] for k, s in enumerate(la["ckpt_step"])}
+    nbeta = lp.n / math.log(lp.n)
 
-        # ---- Hutchinson trace at every checkpoint, top eigenvalue at the reference checkpoints
-        K = len(steps)
-        hutch = np.empty((K, p.hutch_probes))
-        top = {}
-        seq_loss_at = {}
-        noise_ratio = {}
-        for k, step in enumerate(steps):
-            t0 = time.perf_counter()
-            net = tm.AttnOnlyTransformer(pc.model_config(q, 2))
-            net.load_state_dict(states[step])
-            params_ = list(net.parameters())
-            bl = sequence_batch_loss(net, tokens)
-            hutch[k] = slt.hutchinson_trace(bl, params_, lp.n, num_probes=p.hutch_probes, batch_size=p.hutch_batch,
-                                            seed=p.seed + 60_000)
-            if step in ref.values():
-                fixed = torch.arange(p.power_batch)
-                top[step] = slt.top_hessian_eigenvalue(lambda: bl(fixed), params_, iters=p.power_iters,
-                                                       seed=p.seed + 61_000)
-                grads = []
-                for i in range(p.noise_samples):  # per-sequence gradients of the loss the chains sample
-                    gi = torch.autograd.grad(bl(torch.tensor([i])), params_)
-                    grads.append(torch.cat([x.reshape(-1) for x in gi]).double().numpy())
-                noise_ratio[step] = minibatch_noise_ratio(np.stack(grads), lp.step_size, nbeta, lp.batch_size)
-                with torch.no_grad():
-                    seq_loss_at[step] = torch.cat([
-                        tm.next_token_loss(net(tokens[i:i + 256]), tokens[i:i + 256], reduction="none").sum(-1)
-                        for i in range(0, lp.n, 256)]).double().numpy()  # [n] nats per sequence
-            timing.record("curvature_seconds", time.perf_counter() - t0)
-            say(f"step {step}: tr H = {hutch[k].mean():.0f} ± {hutch[k].std(ddof=1) / math.sqrt(p.hutch_probes):.0f}"
-                + (f", top eigenvalue {top[step][-1]:.1f}" if step in top else ""))
-        arrays["ckpt_step"] = np.asarray(steps, dtype=np.int32)
-        arrays["hutch"] = hutch
-        for name, step in ref.items():
-            arrays[f"top_eig.{name}"] = top[step]
+    # ---- Hutchinson trace at every checkpoint, top eigenvalue at the reference checkpoints
+    K = len(steps)
+    hutch = np.empty((K, p.hutch_probes))
+    top = {}
+    seq_loss_at = {}
+    noise_ratio = {}
+    for k, step in enumerate(steps):
+        t0 = time.perf_counter()
+        net = tm.AttnOnlyTransformer(pc.model_config(q, 2))
+        net.load_state_dict(states[step])
+        params_ = list(net.parameters())
+        bl = sequence_batch_loss(net, tokens)
+        hutch[k] = slt.hutchinson_trace(bl, params_, lp.n, num_probes=p.hutch_probes, batch_size=p.hutch_batch,
+                                        seed=p.seed + 60_000)
+        if step in ref.values():
+            fixed = torch.arange(p.power_batch)
+            top[step] = slt.top_hessian_eigenvalue(lambda: bl(fixed), params_, iters=p.power_iters,
+                                                   seed=p.seed + 61_000)
+            grads = []
+            for i in range(p.noise_samples):  # per-sequence gradients of the loss the chains sample
+                gi = torch.autograd.grad(bl(torch.tensor([i])), params_)
+                grads.append(torch.cat([x.reshape(-1) for x in gi]).double().numpy())
+            noise_ratio[step] = minibatch_noise_ratio(np.stack(grads), lp.step_size, nbeta, lp.batch_size)
+            with torch.no_grad():
+                seq_loss_at[step] = torch.cat([
+                    tm.next_token_loss(net(tokens[i:i + 256]), tokens[i:i + 256], reduction="none").sum(-1)
+                    for i in range(0, lp.n, 256)]).double().numpy()  # [n] nats per sequence
+        timing.record("curvature_seconds", time.perf_counter() - t0)
+        say(f"step {step}: tr H = {hutch[k].mean():.0f} ± {hutch[k].std(ddof=1) / math.sqrt(p.hutch_probes):.0f}"
+            + (f", top eigenvalue {top[step][-1]:.1f}" if step in top else ""))
+    arrays["ckpt_step"] = np.asarray(steps, dtype=np.int32)
+    arrays["hutch"] = hutch
+    for name, step in ref.items():
+        arrays[f"top_eig.{name}"] = top[step]
 
-        # ---- gamma sweep at the reference checkpoints (llc_phase_change's gamma read from its entry)
-        gammas = [float(g) for g in p.sweep_gammas]
-        all_gammas = sorted(gammas + [float(lp.gamma)])
-        sweep = np.empty((3, len(all_gammas), lp.num_chains))  # [before/at/after, gamma, chain]
-        for r, name in enumerate(("before", "at", "after")):
-            step = ref[name]
-            t0 = time.perf_counter()
-            net = tm.AttnOnlyTransformer(pc.model_config(q, 2))
-            net.load_state_dict(states[step])
-            w_star, loss = lpc.sequence_loss_fn(net, tokens)
-            res = slt.sgld_llc_groups(loss, w_star[None].repeat(len(gammas), 1), lp.n, num_chains=lp.num_chains,
-                                      num_steps=lp.num_steps, num_burnin=lp.num_burnin, step_size=lp.step_size,
-                                      gamma=gammas, batch_size=lp.batch_size, seed=40_000 + lp.seed)
-            by_gamma = {g: rr.llc_chains for g, rr in zip(gammas, res)}
-            by_gamma[float(lp.gamma)] = base_chains[step]
-            sweep[r] = np.stack([by_gamma[g] for g in all_gammas])
-            timing.record("sweep_seconds", time.perf_counter() - t0)
-            say(f"gamma sweep at step {step} ({name}): {np.round(sweep[r].mean(1), 1)} at γ = {all_gammas}")
-        arrays["sweep.gammas"] = np.asarray(all_gammas)
-        arrays["sweep.llc_chains"] = sweep
+    # ---- gamma sweep at the reference checkpoints (llc_phase_change's gamma read from its entry)
+    gammas = [float(g) for g in p.sweep_gammas]
+    all_gammas = sorted(gammas + [float(lp.gamma)])
+    sweep = np.empty((3, len(all_gammas), lp.num_chains))  # [before/at/after, gamma, chain]
+    for r, name in enumerate(("before", "at", "after")):
+        step = ref[name]
+        t0 = time.perf_counter()
+        net = tm.AttnOnlyTransformer(pc.model_config(q, 2))
+        net.load_state_dict(states[step])
+        w_star, loss = lpc.sequence_loss_fn(net, tokens)
+        res = slt.sgld_llc_groups(loss, w_star[None].repeat(len(gammas), 1), lp.n, num_chains=lp.num_chains,
+                                  num_steps=lp.num_steps, num_burnin=lp.num_burnin, step_size=lp.step_size,
+                                  gamma=gammas, batch_size=lp.batch_size, seed=40_000 + lp.seed)
+        by_gamma = {g: rr.llc_chains for g, rr in zip(gammas, res)}
+        by_gamma[float(lp.gamma)] = base_chains[step]
+        sweep[r] = np.stack([by_gamma[g] for g in all_gammas])
+        timing.record("sweep_seconds", time.perf_counter() - t0)
+        say(f"gamma sweep at step {step} ({name}): {np.round(sweep[r].mean(1), 1)} at γ = {all_gammas}")
+    arrays["sweep.gammas"] = np.asarray(all_gammas)
+    arrays["sweep.llc_chains"] = sweep
 
-        # ---- summaries with intervals
-        tr_mean = hutch.mean(1)
-        tr_se = hutch.std(1, ddof=1) / math.sqrt(p.hutch_probes)
-        kb, ka = steps.index(ref["before"]), steps.index(ref["after"])
-        paired = rng.integers(0, p.hutch_probes, (p.n_boot, p.hutch_probes))  # the probes are shared: paired
-        ratio_h = hutch[ka][paired].mean(1) / hutch[kb][paired].mean(1)
-        L_seq = {name: seq_loss_at[step] for name, step in ref.items()}  # [n] per reference checkpoint
-        dL_seq = L_seq["before"] - L_seq["after"]  # paired over the same sequences
-        gamma_rows = {}
-        for j, g in enumerate(all_gammas):
-            b, a = sweep[0, j], sweep[2, j]
-            ib = rng.integers(0, len(b), (p.n_boot, len(b)))
-            ia = rng.integers(0, len(a), (p.n_boot, len(a)))
-            bb, aa = b[ib].mean(1), a[ia].mean(1)
-            dl_boot = dL_seq[rng.integers(0, lp.n, (p.n_boot, lp.n))].mean(1)
-            nstar = np.array([crossing_n(x, y) for x, y in zip(dl_boot, aa - bb)])
-            proxy_b = nbeta / (2 * g) * hutch[kb]
-            proxy_a = nbeta / (2 * g) * hutch[ka]
-            gamma_rows[f"{g:g}"] = {
-                "gamma": g,
-                "before": _ci(b.mean(), bb), "at": float(sweep[1, j].mean()), "after": _ci(a.mean(), aa),
-                "rise": _ci(a.mean() - b.mean(), aa - bb),
-                "ratio": _ci(a.mean() / b.mean(), aa / bb) if b.mean() > 0 else None,
-                "proxy_before": _ci_se(proxy_b), "proxy_after": _ci_se(proxy_a),
-                "proxy_rise": _ci_se(proxy_a - proxy_b) if len(proxy_a) == len(proxy_b) else None,
-                "llc_over_proxy_before": float(b.mean() / proxy_b.mean()),
-                "llc_over_proxy_after": float(a.mean() / proxy_a.mean()),
-                "n_cross": _ci(crossing_n(float(dL_seq.mean()), float(a.mean() - b.mean())), nstar),
-                "n_cross_boot_at_one": float((nstar == 1.0).mean()),
-            }
-        # log-log slope of the estimate against gamma at each reference checkpoint (-1: curvature proxy)
-        lg = np.log(np.asarray(all_gammas))
-        slopes = {}
-        for r, name in enumerate(("before", "at", "after")):
-            means = sweep[r].mean(1)
-            boot = sweep[r][:, rng.integers(0, lp.num_chains, (p.n_boot, lp.num_chains))].mean(2)  # [gamma, boot]
-            ok = (means > 0).all()
-            if ok:
-                point = float(np.polyfit(lg, np.log(means), 1)[0])
-                with np.errstate(invalid="ignore"):
-                    bs = np.array([np.polyfit(lg, np.log(col), 1)[0] if (col > 0).all() else np.nan for col in boot.T])
-                slopes[name] = _ci(point, bs[np.isfinite(bs)]) if np.isfinite(bs).mean() > 0.9 else None
-            else:
-                slopes[name] = None
-        out: dict[str, Any] = {
-            "calibration": calib,
-            "reference": ref,
-            "transition": transition,
-            "nbeta": nbeta, "n": lp.n, "tokens_per_sample": per_seq, "n_params": sum(v.numel() for v in states[steps[0]].values()),
-            "trace_h": {str(s): {"mean": float(m), "se": float(e)} for s, m, e in zip(steps, tr_mean, tr_se)},
-            "trace_ratio_after_before": _ci(tr_mean[ka] / tr_mean[kb], ratio_h),
-            "top_eigenvalue": {name: float(top[step][-1]) for name, step in ref.items()},
-            "noise_ratio": {name: float(noise_ratio[step]) for name, step in ref.items()},
-            "top_eigenvalue_settled": {name: float(abs(top[step][-1] / top[step][-2] - 1)) for name, step in ref.items()},
-            "loss_per_seq": {name: float(v.mean()) for name, v in L_seq.items()},
-            "loss_per_token": {name: float(v.mean() / per_seq) for name, v in L_seq.items()},
-            "loss_drop_per_seq": _ci(float(dL_seq.mean()),
-                                     dL_seq[rng.integers(0, lp.n, (p.n_boot, lp.n))].mean(1)),
-            "gammas": gamma_rows,
-            "gamma_slope": slopes,
-            "params": json.loads(json.dumps(dataclasses.asdict(p))),
+    # ---- summaries with intervals
+    tr_mean = hutch.mean(1)
+    tr_se = hutch.std(1, ddof=1) / math.sqrt(p.hutch_probes)
+    kb, ka = steps.index(ref["before"]), steps.index(ref["after"])
+    paired = rng.integers(0, p.hutch_probes, (p.n_boot, p.hutch_probes))  # the probes are shared: paired
+    ratio_h = hutch[ka][paired].mean(1) / hutch[kb][paired].mean(1)
+    L_seq = {name: seq_loss_at[step] for name, step in ref.items()}  # [n] per reference checkpoint
+    dL_seq = L_seq["before"] - L_seq["after"]  # paired over the same sequences
+    gamma_rows = {}
+    for j, g in enumerate(all_gammas):
+        b, a = sweep[0, j], sweep[2, j]
+        ib = rng.integers(0, len(b), (p.n_boot, len(b)))
+        ia = rng.integers(0, len(a), (p.n_boot, len(a)))
+        bb, aa = b[ib].mean(1), a[ia].mean(1)
+        dl_boot = dL_seq[rng.integers(0, lp.n, (p.n_boot, lp.n))].mean(1)
+        nstar = np.array([crossing_n(x, y) for x, y in zip(dl_boot, aa - bb)])
+        proxy_b = nbeta / (2 * g) * hutch[kb]
+        proxy_a = nbeta / (2 * g) * hutch[ka]
+        gamma_rows[f"{g:g}"] = {
+            "gamma": g,
+            "before": _ci(b.mean(), bb), "at": float(sweep[1, j].mean()), "after": _ci(a.mean(), aa),
+            "rise": _ci(a.mean() - b.mean(), aa - bb),
+            "ratio": _ci(a.mean() / b.mean(), aa / bb) if b.mean() > 0 else None,
+            "proxy_before": _ci_se(proxy_b), "proxy_after": _ci_se(proxy_a),
+            "proxy_rise": _ci_se(proxy_a - proxy_b) if len(proxy_a) == len(proxy_b) else None,
+            "llc_over_proxy_before": float(b.mean() / proxy_b.mean()),
+            "llc_over_proxy_after": float(a.mean() / proxy_a.mean()),
+            "n_cross": _ci(crossing_n(float(dL_seq.mean()), float(a.mean() - b.mean())), nstar),
+            "n_cross_boot_at_one": float((nstar == 1.0).mean()),
         }
-        return arrays, out
-    finally:
-        torch.set_num_threads(threads)
+    # log-log slope of the estimate against gamma at each reference checkpoint (-1: curvature proxy)
+    lg = np.log(np.asarray(all_gammas))
+    slopes = {}
+    for r, name in enumerate(("before", "at", "after")):
+        means = sweep[r].mean(1)
+        boot = sweep[r][:, rng.integers(0, lp.num_chains, (p.n_boot, lp.num_chains))].mean(2)  # [gamma, boot]
+        ok = (means > 0).all()
+        if ok:
+            point = float(np.polyfit(lg, np.log(means), 1)[0])
+            with np.errstate(invalid="ignore"):
+                bs = np.array([np.polyfit(lg, np.log(col), 1)[0] if (col > 0).all() else np.nan for col in boot.T])
+            slopes[name] = _ci(point, bs[np.isfinite(bs)]) if np.isfinite(bs).mean() > 0.9 else None
+        else:
+            slopes[name] = None
+    out: dict[str, Any] = {
+        "calibration": calib,
+        "reference": ref,
+        "transition": transition,
+        "nbeta": nbeta, "n": lp.n, "tokens_per_sample": per_seq, "n_params": sum(v.numel() for v in states[steps[0]].values()),
+        "trace_h": {str(s): {"mean": float(m), "se": float(e)} for s, m, e in zip(steps, tr_mean, tr_se)},
+        "trace_ratio_after_before": _ci(tr_mean[ka] / tr_mean[kb], ratio_h),
+        "top_eigenvalue": {name: float(top[step][-1]) for name, step in ref.items()},
+        "noise_ratio": {name: float(noise_ratio[step]) for name, step in ref.items()},
+        "top_eigenvalue_settled": {name: float(abs(top[step][-1] / top[step][-2] - 1)) for name, step in ref.items()},
+        "loss_per_seq": {name: float(v.mean()) for name, v in L_seq.items()},
+        "loss_per_token": {name: float(v.mean() / per_seq) for name, v in L_seq.items()},
+        "loss_drop_per_seq": _ci(float(dL_seq.mean()),
+                                 dL_seq[rng.integers(0, lp.n, (p.n_boot, lp.n))].mean(1)),
+        "gammas": gamma_rows,
+        "gamma_slope": slopes,
+        "params": json.loads(json.dumps(dataclasses.asdict(p))),
+    }
+    return arrays, out
 
 
 def _finite(v: float) -> float | None:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from icl import slt, timing, toymodels as tm
-from icl.experiments import phase_change as pc
+from icl.experiments import phase_change as pc, with_threads
 from icl.experiments import between, each_int
 
 NAME = "llc_phase_change"
@@ -181,100 +181,96 @@ def sequence_loss_fn(model: tm.AttnOnlyTransformer, tokens: torch.Tensor) -> tup
     return w_star, centred
 
 
+@with_threads
 def compute(params: Params, model: Any = None, progress: bool = False,
             upstream: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     p = params
     p.validate()
     q = pc_params(p)
     wanted = checkpoint_steps(p)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        torch.manual_seed(p.seed)
-        np.random.seed(p.seed)
-        data, heldout, _, probe = pc.eval_sets(q)
-        states: dict[int, dict[str, torch.Tensor]] = {}
+    torch.manual_seed(p.seed)
+    np.random.seed(p.seed)
+    data, heldout, _, probe = pc.eval_sets(q)
+    states: dict[int, dict[str, torch.Tensor]] = {}
 
-        def keep(step: int, net: tm.AttnOnlyTransformer) -> None:
-            if step in wanted:
-                states[step] = copy.deepcopy(net.state_dict())
+    def keep(step: int, net: tm.AttnOnlyTransformer) -> None:
+        if step in wanted:
+            states[step] = copy.deepcopy(net.state_dict())
 
-        stored = _stored(q, wanted, upstream)
-        if stored is not None:  # phase_change kept these checkpoints: read them, train nothing
-            entry = upstream["phase_change"]  # type: ignore[index]
-            a = entry.arrays
-            log = {"step": a["L2.step"], "prefix_matching": a["L2.prefix_matching"],
-                   "prev_token": a["L2.prev_token"], "heldout_loss": a["L2.heldout_loss"],
-                   "probe_loss": a["L2.probe_loss"]}
-            losses = a["L2.train_loss"]
-            states.update(stored)
-            net = tm.AttnOnlyTransformer(pc.model_config(q, 2))
-            reproduction = {"compared": False, "reused": True, "phase_change_key": entry.key}
-        else:  # other training parameters or checkpoints: rerun phase_change's training, keeping them
-            with timing.timed("train_seconds"):
-                net, log, losses = pc._train_one(q, 2, data, heldout, probe, progress, on_checkpoint=keep)
-            reproduction = {**_compare(q, log, losses, net, upstream), "reused": False}
-        best_induction = log["prefix_matching"][:, 1].max(-1)  # [evals] layer-1 best head
-        arrays: dict[str, np.ndarray] = {
-            "train_loss": np.asarray(losses, dtype=np.float32),
-            "eval_step": log["step"].astype(np.int32),
-            "best_induction": best_induction.astype(np.float32),
-            "best_prev_token": log["prev_token"][:, 0].max(-1).astype(np.float32),
-            "heldout_loss": log["heldout_loss"].mean(1).astype(np.float32),
-            "icl_score": pc.icl_score(log["probe_loss"], q).astype(np.float32),
-        }
+    stored = _stored(q, wanted, upstream)
+    if stored is not None:  # phase_change kept these checkpoints: read them, train nothing
+        entry = upstream["phase_change"]  # type: ignore[index]
+        a = entry.arrays
+        log = {"step": a["L2.step"], "prefix_matching": a["L2.prefix_matching"],
+               "prev_token": a["L2.prev_token"], "heldout_loss": a["L2.heldout_loss"],
+               "probe_loss": a["L2.probe_loss"]}
+        losses = a["L2.train_loss"]
+        states.update(stored)
+        net = tm.AttnOnlyTransformer(pc.model_config(q, 2))
+        reproduction = {"compared": False, "reused": True, "phase_change_key": entry.key}
+    else:  # other training parameters or checkpoints: rerun phase_change's training, keeping them
+        with timing.timed("train_seconds"):
+            net, log, losses = pc._train_one(q, 2, data, heldout, probe, progress, on_checkpoint=keep)
+        reproduction = {**_compare(q, log, losses, net, upstream), "reused": False}
+    best_induction = log["prefix_matching"][:, 1].max(-1)  # [evals] layer-1 best head
+    arrays: dict[str, np.ndarray] = {
+        "train_loss": np.asarray(losses, dtype=np.float32),
+        "eval_step": log["step"].astype(np.int32),
+        "best_induction": best_induction.astype(np.float32),
+        "best_prev_token": log["prev_token"][:, 0].max(-1).astype(np.float32),
+        "heldout_loss": log["heldout_loss"].mean(1).astype(np.float32),
+        "icl_score": pc.icl_score(log["probe_loss"], q).astype(np.float32),
+    }
 
-        # ---- SGLD at each checkpoint
-        tokens = llc_sample(p, data)  # [n, n_ctx]
-        K, C = len(wanted), p.num_chains
-        llc_chains = np.empty((K, C))
-        loss_star = np.empty(K)
-        grad_norm = np.empty(K)
-        idx = np.linspace(0, p.num_steps - 1, TRACE_POINTS).astype(int)
-        traces = np.empty((K, C, TRACE_POINTS), dtype=np.float32)
-        for k, step in enumerate(wanted):
-            t0 = time.perf_counter()
-            ckpt = tm.AttnOnlyTransformer(pc.model_config(q, 2))
-            ckpt.load_state_dict(states[step])
-            w_star, loss = sequence_loss_fn(ckpt, tokens)
-            mean_loss = tm.next_token_loss(ckpt(tokens), tokens)  # per token, on the SGLD sample
-            grads = torch.autograd.grad(mean_loss, list(ckpt.parameters()))
-            loss_star[k] = float(mean_loss.detach())
-            grad_norm[k] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
-            res = slt.sgld_llc(loss, w_star, p.n, num_chains=C, num_steps=p.num_steps, num_burnin=p.num_burnin,
-                               step_size=p.step_size, gamma=p.gamma, batch_size=p.batch_size,
-                               seed=40_000 + p.seed)
-            llc_chains[k] = res.llc_chains
-            traces[k] = (res.nbeta * res.loss_trace[:, idx]).astype(np.float32)
-            timing.record("llc_seconds", time.perf_counter() - t0)
-            if progress:
-                print(f"step {step}: LLC {res.llc:.1f} ± {res.spread:.1f} (chains {np.round(res.llc_chains, 1)})",
-                      flush=True)
-        arrays.update({
-            "ckpt_step": np.asarray(wanted, dtype=np.int32),
-            "llc_chains": llc_chains.astype(np.float64),
-            "ckpt_loss": loss_star.astype(np.float64),  # L_n(w*) per token on the SGLD sample
-            "ckpt_grad_norm": grad_norm,                # |∇ L_n(w*)| of the per-token loss: w* is no minimum
-            "trace": traces,                            # nβ (L_m(w) − L_m(w*)) along each chain
-            "trace_step": idx.astype(np.int32),
-        })
-        llc_mean = llc_chains.mean(1)
-        transition = pc.locate_transition(log["step"], best_induction)
-        summary: dict[str, Any] = {
-            "llc": {str(s): {"mean": float(m), "sd": float(c.std(ddof=1)), "grad_norm": float(gn)}
-                    for s, m, c, gn in zip(wanted, llc_mean, llc_chains, grad_norm)},
-            "transition_induction": transition,
-            "reproduction": reproduction,
-            "n": p.n, "beta": 1.0 / np.log(p.n), "nbeta": p.n / np.log(p.n),
-            "tokens_per_sample": int(tokens.shape[1] - 1),
-            "n_params": net.n_params(),
-            "all_finite": bool(np.isfinite(llc_chains).all()),
-            "threads": THREADS,
-            "params": json.loads(json.dumps(dataclasses.asdict(p))),
-        }
-        return arrays, summary
-    finally:
-        torch.set_num_threads(threads)
+    # ---- SGLD at each checkpoint
+    tokens = llc_sample(p, data)  # [n, n_ctx]
+    K, C = len(wanted), p.num_chains
+    llc_chains = np.empty((K, C))
+    loss_star = np.empty(K)
+    grad_norm = np.empty(K)
+    idx = np.linspace(0, p.num_steps - 1, TRACE_POINTS).astype(int)
+    traces = np.empty((K, C, TRACE_POINTS), dtype=np.float32)
+    for k, step in enumerate(wanted):
+        t0 = time.perf_counter()
+        ckpt = tm.AttnOnlyTransformer(pc.model_config(q, 2))
+        ckpt.load_state_dict(states[step])
+        w_star, loss = sequence_loss_fn(ckpt, tokens)
+        mean_loss = tm.next_token_loss(ckpt(tokens), tokens)  # per token, on the SGLD sample
+        grads = torch.autograd.grad(mean_loss, list(ckpt.parameters()))
+        loss_star[k] = float(mean_loss.detach())
+        grad_norm[k] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        res = slt.sgld_llc(loss, w_star, p.n, num_chains=C, num_steps=p.num_steps, num_burnin=p.num_burnin,
+                           step_size=p.step_size, gamma=p.gamma, batch_size=p.batch_size,
+                           seed=40_000 + p.seed)
+        llc_chains[k] = res.llc_chains
+        traces[k] = (res.nbeta * res.loss_trace[:, idx]).astype(np.float32)
+        timing.record("llc_seconds", time.perf_counter() - t0)
+        if progress:
+            print(f"step {step}: LLC {res.llc:.1f} ± {res.spread:.1f} (chains {np.round(res.llc_chains, 1)})",
+                  flush=True)
+    arrays.update({
+        "ckpt_step": np.asarray(wanted, dtype=np.int32),
+        "llc_chains": llc_chains.astype(np.float64),
+        "ckpt_loss": loss_star.astype(np.float64),  # L_n(w*) per token on the SGLD sample
+        "ckpt_grad_norm": grad_norm,                # |∇ L_n(w*)| of the per-token loss: w* is no minimum
+        "trace": traces,                            # nβ (L_m(w) − L_m(w*)) along each chain
+        "trace_step": idx.astype(np.int32),
+    })
+    llc_mean = llc_chains.mean(1)
+    transition = pc.locate_transition(log["step"], best_induction)
+    summary: dict[str, Any] = {
+        "llc": {str(s): {"mean": float(m), "sd": float(c.std(ddof=1)), "grad_norm": float(gn)}
+                for s, m, c, gn in zip(wanted, llc_mean, llc_chains, grad_norm)},
+        "transition_induction": transition,
+        "reproduction": reproduction,
+        "n": p.n, "beta": 1.0 / np.log(p.n), "nbeta": p.n / np.log(p.n),
+        "tokens_per_sample": int(tokens.shape[1] - 1),
+        "n_params": net.n_params(),
+        "all_finite": bool(np.isfinite(llc_chains).all()),
+        "threads": THREADS,
+        "params": json.loads(json.dumps(dataclasses.asdict(p))),
+    }
+    return arrays, summary
 
 
 def _stored(q: pc.Params, wanted: list[int], upstream: dict[str, Any] | None

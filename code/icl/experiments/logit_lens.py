@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from icl import tasks
-from icl.experiments import TASKS, between, reporter
+from icl.experiments import TASKS, between, reporter, with_threads
 from icl.lens import answer_lens
 from icl.runner import LlamaStack
 from icl.scoring import encode
@@ -65,8 +65,8 @@ def first_layer(curve: np.ndarray, threshold: float) -> int | None:
     return first_at_least(curve, threshold)
 
 
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    torch.set_num_threads(THREADS)
     torch.manual_seed(params.seed)
     stack = LlamaStack(model.bridge)
     arrays: dict[str, np.ndarray] = {}

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from icl import patching, tasks
-from icl.experiments import TASKS, between, reporter
+from icl.experiments import TASKS, between, reporter, with_threads
 from icl.runner import LlamaStack
 from icl.stats import first_at_least, resampled_means
 
@@ -181,8 +181,8 @@ def summarise_grid(tag: str, grid: patching.PatchGrid, logp_a: np.ndarray, targe
     return out
 
 
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    torch.set_num_threads(THREADS)
     torch.manual_seed(params.seed)
     stack = LlamaStack(model.bridge)
     tok = model.tokenizer

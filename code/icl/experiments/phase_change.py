@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from icl import heads, timing, toymodels as tm
-from icl.experiments import between, each_int
+from icl.experiments import between, each_int, with_threads
 
 NAME = "phase_change"
 VERSION = 2  # 2: fused QKV + SDPA forward and fused AdamW; L2 weights kept at `checkpoints`
@@ -200,62 +200,58 @@ def _ablations(model: tm.AttnOnlyTransformer, heldout: torch.Tensor, probe: torc
     return {"sets": {k: [list(x) for x in v] for k, v in sets.items()}, "table": table}, {"ablate_single": single}
 
 
+@with_threads
 def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     p = params
     p.validate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        data, heldout, lens, probe = eval_sets(p)
-        arrays: dict[str, np.ndarray] = {"heldout_repeat_len": lens.numpy().astype(np.int16)}
-        summary: dict[str, Any] = {}
-        trained = {}
-        kept = [int(s) for s in p.checkpoints]
+    data, heldout, lens, probe = eval_sets(p)
+    arrays: dict[str, np.ndarray] = {"heldout_repeat_len": lens.numpy().astype(np.int16)}
+    summary: dict[str, Any] = {}
+    trained = {}
+    kept = [int(s) for s in p.checkpoints]
 
-        def keep(step: int, net: tm.AttnOnlyTransformer) -> None:  # the 2-layer model's checkpoints
-            if step in kept:
-                arrays.update(tm.state_arrays(net, f"L2.ckpt.{step}."))
+    def keep(step: int, net: tm.AttnOnlyTransformer) -> None:  # the 2-layer model's checkpoints
+        if step in kept:
+            arrays.update(tm.state_arrays(net, f"L2.ckpt.{step}."))
 
-        for n_layers in (2, 1):
-            with timing.timed(f"L{n_layers}.train_seconds"):
-                net, log, losses = _train_one(p, n_layers, data, heldout, probe, progress,
-                                              on_checkpoint=keep if n_layers == 2 else None)
-            trained[n_layers] = net
-            tag = f"L{n_layers}"
-            arrays[f"{tag}.train_loss"] = np.asarray(losses, dtype=np.float32)
-            for key, value in log.items():
-                arrays[f"{tag}.{key}"] = value.astype(np.int32 if key == "step" else np.float32)
-            arrays.update(tm.state_arrays(net, f"{tag}.state."))
-            icl = icl_score(log["probe_loss"], p)
-            arrays[f"{tag}.icl_score"] = icl.astype(np.float32)
-            last = n_layers - 1
-            best_induction = log["prefix_matching"][:, last].max(-1)
-            arrays[f"{tag}.best_induction"] = best_induction.astype(np.float32)
-            summary[tag] = {
-                "n_params": net.n_params(),
-                "final_heldout_loss": float(log["heldout_loss"][-1].mean()),
-                "final_icl_score": float(icl[-1]),
-                "initial_icl_score": float(icl[0]),
-                "final_probe_second_half": float(log["probe_loss"][-1][p.probe_len:].mean()),
-                "final_prefix_matching": log["prefix_matching"][-1].tolist(),
-                "final_prev_token": log["prev_token"][-1].tolist(),
-                "final_copying": log["copying"][-1].tolist(),
-                "transition_induction": locate_transition(log["step"], best_induction),
-                "transition_icl": locate_transition(log["step"], -icl),
-            }
-        final = {"prefix_matching": arrays["L2.prefix_matching"][-1], "prev_token": arrays["L2.prev_token"][-1]}
-        induction = [(1, h) for h in range(p.n_heads) if final["prefix_matching"][1, h] > p.induction_threshold]
-        prev = [(0, h) for h in range(p.n_heads) if final["prev_token"][0, h] > p.induction_threshold]
-        abl, abl_arrays = _ablations(trained[2], heldout, probe, p, induction, prev)
-        arrays.update(abl_arrays)
-        arrays["L2.ckpt_step"] = np.asarray(kept, dtype=np.int32)
-        summary["ablation"] = abl
-        summary["induction_heads"] = [list(x) for x in induction]
-        summary["previous_token_heads"] = [list(x) for x in prev]
-        summary["bigram_entropy"] = data.bigram_entropy
-        summary["uniform_entropy"] = float(np.log(p.vocab))
-        summary["threads"] = THREADS
-        summary["params"] = json.loads(json.dumps(asdict(p)))
-        return arrays, summary
-    finally:
-        torch.set_num_threads(threads)
+    for n_layers in (2, 1):
+        with timing.timed(f"L{n_layers}.train_seconds"):
+            net, log, losses = _train_one(p, n_layers, data, heldout, probe, progress,
+                                          on_checkpoint=keep if n_layers == 2 else None)
+        trained[n_layers] = net
+        tag = f"L{n_layers}"
+        arrays[f"{tag}.train_loss"] = np.asarray(losses, dtype=np.float32)
+        for key, value in log.items():
+            arrays[f"{tag}.{key}"] = value.astype(np.int32 if key == "step" else np.float32)
+        arrays.update(tm.state_arrays(net, f"{tag}.state."))
+        icl = icl_score(log["probe_loss"], p)
+        arrays[f"{tag}.icl_score"] = icl.astype(np.float32)
+        last = n_layers - 1
+        best_induction = log["prefix_matching"][:, last].max(-1)
+        arrays[f"{tag}.best_induction"] = best_induction.astype(np.float32)
+        summary[tag] = {
+            "n_params": net.n_params(),
+            "final_heldout_loss": float(log["heldout_loss"][-1].mean()),
+            "final_icl_score": float(icl[-1]),
+            "initial_icl_score": float(icl[0]),
+            "final_probe_second_half": float(log["probe_loss"][-1][p.probe_len:].mean()),
+            "final_prefix_matching": log["prefix_matching"][-1].tolist(),
+            "final_prev_token": log["prev_token"][-1].tolist(),
+            "final_copying": log["copying"][-1].tolist(),
+            "transition_induction": locate_transition(log["step"], best_induction),
+            "transition_icl": locate_transition(log["step"], -icl),
+        }
+    final = {"prefix_matching": arrays["L2.prefix_matching"][-1], "prev_token": arrays["L2.prev_token"][-1]}
+    induction = [(1, h) for h in range(p.n_heads) if final["prefix_matching"][1, h] > p.induction_threshold]
+    prev = [(0, h) for h in range(p.n_heads) if final["prev_token"][0, h] > p.induction_threshold]
+    abl, abl_arrays = _ablations(trained[2], heldout, probe, p, induction, prev)
+    arrays.update(abl_arrays)
+    arrays["L2.ckpt_step"] = np.asarray(kept, dtype=np.int32)
+    summary["ablation"] = abl
+    summary["induction_heads"] = [list(x) for x in induction]
+    summary["previous_token_heads"] = [list(x) for x in prev]
+    summary["bigram_entropy"] = data.bigram_entropy
+    summary["uniform_entropy"] = float(np.log(p.vocab))
+    summary["threads"] = THREADS
+    summary["params"] = json.loads(json.dumps(asdict(p)))
+    return arrays, summary

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from icl import heads, timing, toymodels as tm
-from icl.experiments import between
+from icl.experiments import between, with_threads
 from icl.experiments.phase_change import icl_score, locate_transition
 
 NAME = "phase_seeds"
@@ -294,56 +294,52 @@ def _summarise(p: Params, run: str, arrays: dict[str, np.ndarray], steps: np.nda
     }
 
 
+@with_threads
 def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     p = params
     p.validate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        sets = {s: eval_sets(p, s) for s in seeds(p)}
-        markov = {s: tm.MarkovRepeatData(data_spec(p, repeats=False), seed=s) for s in seeds(p)[: p.n_negative]}
-        arrays: dict[str, np.ndarray] = {
-            "step": np.arange(0, p.steps + 1, p.eval_every, dtype=np.int32),
-            "step_smeared": np.arange(0, p.smeared_steps + 1, p.eval_every, dtype=np.int32),
-        }
-        per_token: dict[tuple[str, int], np.ndarray] = {}
-        for group, copies in _copies(p).items():
-            curves, tokens = _train_group(p, group, copies, sets, markov, progress)
-            arrays.update(curves)
-            per_token.update(tokens)
-        summary: dict[str, Any] = {}
-        for run in list(VARIANTS) + list(NEGATIVE):
-            if f"{run}.probe_loss" in arrays:
-                smeared = VARIANTS.get(run, (2, False))[1]
-                summary[run] = _summarise(p, run, arrays, arrays["step_smeared" if smeared else "step"])
+    sets = {s: eval_sets(p, s) for s in seeds(p)}
+    markov = {s: tm.MarkovRepeatData(data_spec(p, repeats=False), seed=s) for s in seeds(p)[: p.n_negative]}
+    arrays: dict[str, np.ndarray] = {
+        "step": np.arange(0, p.steps + 1, p.eval_every, dtype=np.int32),
+        "step_smeared": np.arange(0, p.smeared_steps + 1, p.eval_every, dtype=np.int32),
+    }
+    per_token: dict[tuple[str, int], np.ndarray] = {}
+    for group, copies in _copies(p).items():
+        curves, tokens = _train_group(p, group, copies, sets, markov, progress)
+        arrays.update(curves)
+        per_token.update(tokens)
+    summary: dict[str, Any] = {}
+    for run in list(VARIANTS) + list(NEGATIVE):
+        if f"{run}.probe_loss" in arrays:
+            smeared = VARIANTS.get(run, (2, False))[1]
+            summary[run] = _summarise(p, run, arrays, arrays["step_smeared" if smeared else "step"])
 
-        # one PCA per seed over the checkpoints of its 2-layer model and its 1-layer control
-        k, n_eval, steps = p.n_components, len(arrays["step"]), arrays["step"]
-        scores = np.zeros((p.n_seeds, 2, n_eval, k), dtype=np.float32)
-        explained = np.zeros((p.n_seeds, k), dtype=np.float32)
-        for i, s in enumerate(seeds(p)):
-            rows = np.concatenate([per_token[("L2", s)], per_token[("L1", s)]]).astype(np.float64)
-            sc, explained[i] = pca_scores(rows, k)
-            scores[i] = sc.reshape(2, n_eval, k)
-            for j, run in enumerate(("L2", "L1")):
-                r = summary[run]["runs"][i]
-                r["pca_fastest"] = fastest_move(steps, sc.reshape(2, n_eval, k)[j], after=p.steps // 10)
-            r2 = summary["L2"]["runs"][i]  # how much the 2-layer path bends: drift before the rise vs the rise
-            r2["pca_bend"] = bend(scores[i, 0].astype(np.float64), steps, p.steps // 10,
-                                  r2["transition"]["onset"], r2["to_75"])
-        arrays["pca.scores"], arrays["pca.explained"] = scores, explained
+    # one PCA per seed over the checkpoints of its 2-layer model and its 1-layer control
+    k, n_eval, steps = p.n_components, len(arrays["step"]), arrays["step"]
+    scores = np.zeros((p.n_seeds, 2, n_eval, k), dtype=np.float32)
+    explained = np.zeros((p.n_seeds, k), dtype=np.float32)
+    for i, s in enumerate(seeds(p)):
+        rows = np.concatenate([per_token[("L2", s)], per_token[("L1", s)]]).astype(np.float64)
+        sc, explained[i] = pca_scores(rows, k)
+        scores[i] = sc.reshape(2, n_eval, k)
+        for j, run in enumerate(("L2", "L1")):
+            r = summary[run]["runs"][i]
+            r["pca_fastest"] = fastest_move(steps, sc.reshape(2, n_eval, k)[j], after=p.steps // 10)
+        r2 = summary["L2"]["runs"][i]  # how much the 2-layer path bends: drift before the rise vs the rise
+        r2["pca_bend"] = bend(scores[i, 0].astype(np.float64), steps, p.steps // 10,
+                              r2["transition"]["onset"], r2["to_75"])
+    arrays["pca.scores"], arrays["pca.explained"] = scores, explained
 
-        diff = [a["transition"]["step"] - b["transition"]["step"] for a, b in
-                zip(summary["L2"]["runs"], summary["L2s"]["runs"]) if a["forms_induction"] and b["forms_induction"]]
-        summary["smeared_earlier"] = {"n": len(diff), "differences": diff, "interval": t_interval(diff)}
-        summary["bigram_entropy"] = [sets[s][0].bigram_entropy for s in seeds(p)]
-        summary["uniform_entropy"] = float(np.log(p.vocab))
-        summary["n_params"] = {v: tm.AttnOnlyTransformer(model_config(p, *VARIANTS[v])).n_params() for v in VARIANTS}
-        summary["threads"] = THREADS
-        summary["params"] = json.loads(json.dumps(asdict(p)))
-        return arrays, summary
-    finally:
-        torch.set_num_threads(threads)
+    diff = [a["transition"]["step"] - b["transition"]["step"] for a, b in
+            zip(summary["L2"]["runs"], summary["L2s"]["runs"]) if a["forms_induction"] and b["forms_induction"]]
+    summary["smeared_earlier"] = {"n": len(diff), "differences": diff, "interval": t_interval(diff)}
+    summary["bigram_entropy"] = [sets[s][0].bigram_entropy for s in seeds(p)]
+    summary["uniform_entropy"] = float(np.log(p.vocab))
+    summary["n_params"] = {v: tm.AttnOnlyTransformer(model_config(p, *VARIANTS[v])).n_params() for v in VARIANTS}
+    summary["threads"] = THREADS
+    summary["params"] = json.loads(json.dumps(asdict(p)))
+    return arrays, summary
 
 
 # ------------------------------------------------------------------------------------- the tests

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from icl import regression as rg
-from icl.experiments import between, each_float, each_int, reporter
+from icl.experiments import between, each_float, each_int, reporter, with_threads
 from icl.stats import bootstrap_mean_ci
 
 NAME = "regression_agreement"
@@ -147,105 +147,101 @@ def least_squares_tail(p: Params, d: int, noise: float) -> tuple[dict[str, np.nd
     return arrays, out
 
 
+@with_threads
 def compute(params: Params, model: Any = None, progress: bool = False,
             upstream: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     from icl.experiments import icl_regression
 
     p = params
     p.validate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        say = reporter(NAME, progress)
-        reg_entry = upstream["icl_regression"]
-        net = icl_regression.load_model(reg_entry)
-        rp = reg_entry.data["params"]
-        d, K, noise = rp["d"], rp["max_k"], rp["noise"]
-        ev, cal = eval_sets(p)
-        lams = [float(x) for x in p.lams]
-        steps = [int(t) for t in p.gd_steps]
-        gd_lrs = torch.tensor(np.geomspace(p.gd_lr_min, p.gd_lr_max, p.n_gd_lrs), dtype=torch.float64)
-        with torch.no_grad():
-            T = net.predict_all(ev.X.float(), ev.y.float()).double()  # [n, K]
-        truth = torch.einsum("nkd,nd->nk", ev.X, ev.w)
-        cal_truth = torch.einsum("nkd,nd->nk", cal.X, cal.w)
-        refs = ([f"ridge:{x:g}" for x in lams] + ["least_squares"] + [f"gd:{t}" for t in steps])
-        n, nA = p.n_eval, len(refs)
-        pred = torch.zeros(nA, n, K, dtype=torch.float64)  # [reference, prompt, k]; k = 0: all predict 0
-        bayes = torch.zeros(n, K, dtype=torch.float64)  # ridge with lambda = sigma^2
-        chosen_lr = np.zeros((len(steps), K))
-        say(f"reference predictions for k = 1..{K - 1} ({len(lams)} ridges, least squares, GD over {steps} steps)")
-        for k in range(1, K):
-            Xc, yc, Xq = ev.X[:, :k], ev.y[:, :k], ev.X[:, k:k + 1]
-            for i, lam in enumerate(lams):
-                pred[i, :, k] = rg.ridge(Xc, yc, Xq, lam)[:, 0]
-            pred[len(lams), :, k] = rg.least_squares(Xc, yc, Xq)[:, 0]
-            bayes[:, k] = rg.ridge(Xc, yc, Xq, noise ** 2)[:, 0]
-            # GD: the step size with the least error at each (t, k), fitted on the calibration set
-            with np.errstate(over="ignore", invalid="ignore"):
-                cp_ = rg.gd_path(cal.X[:, :k], cal.y[:, :k], cal.X[:, k:k + 1], gd_lrs, steps, relative=True)[..., 0]  # [t, L, n]
-                err = ((cp_ - cal_truth[:, k]) ** 2).mean(-1)
-                err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
-                best = err.argmin(-1)  # [t]
-                ep = rg.gd_path(Xc, yc, Xq, gd_lrs, steps, relative=True)[..., 0]  # [t, L, n]
-            for j in range(len(steps)):
-                pred[len(lams) + 1 + j, :, k] = ep[j, best[j]]
-                chosen_lr[j, k] = float(gd_lrs[best[j]])
-        say("agreement and errors with bootstrap intervals")
-        Tn, truth_n, bayes_n, pred_n = T.numpy(), truth.numpy(), bayes.numpy(), pred.numpy()
-        spd = rg.prediction_gap(Tn[None], pred_n, d)  # [A, n, K]
-        err_ref = rg.prediction_gap(pred_n, truth_n[None], d)
-        err_T = rg.prediction_gap(Tn, truth_n, d)
-        err_B = rg.prediction_gap(bayes_n, truth_n, d)
-        spd_B = rg.prediction_gap(Tn, bayes_n, d)
-        cross = 2 * (Tn - bayes_n) * (bayes_n - truth_n) / d  # Pythagoras: err_T = spd_B + err_B + cross
-        ref_vs_bayes = rg.prediction_gap(pred_n, bayes_n[None], d)  # scale: how far each reference is from Bayes
-        stack = np.concatenate([spd, err_ref, ref_vs_bayes, err_T[None], err_B[None], spd_B[None], cross[None],
-                                (err_T - err_B)[None]], 0)  # [3A + 5, n, K]
-        mean, lo, hi = bootstrap_mean_ci(np.moveaxis(stack, 1, 0), n_boot=p.n_boot, seed=p.seed)
-        arrays: dict[str, np.ndarray] = {"refs.lams": np.asarray(lams), "refs.gd_steps": np.asarray(steps),
-                                         "gd_lr": chosen_lr}
-        blocks = [("spd", refs), ("error", refs), ("vs_bayes", refs)]
-        row = 0
-        for prefix, names in blocks:
-            for name in names:
-                for s, v in (("mean", mean), ("lo", lo), ("hi", hi)):
-                    arrays[f"{prefix}.{name}.{s}"] = v[row]
-                row += 1
-        for name in ("transformer.error", "bayes.error", "spd.bayes", "pythagoras.cross", "transformer.excess"):
+    say = reporter(NAME, progress)
+    reg_entry = upstream["icl_regression"]
+    net = icl_regression.load_model(reg_entry)
+    rp = reg_entry.data["params"]
+    d, K, noise = rp["d"], rp["max_k"], rp["noise"]
+    ev, cal = eval_sets(p)
+    lams = [float(x) for x in p.lams]
+    steps = [int(t) for t in p.gd_steps]
+    gd_lrs = torch.tensor(np.geomspace(p.gd_lr_min, p.gd_lr_max, p.n_gd_lrs), dtype=torch.float64)
+    with torch.no_grad():
+        T = net.predict_all(ev.X.float(), ev.y.float()).double()  # [n, K]
+    truth = torch.einsum("nkd,nd->nk", ev.X, ev.w)
+    cal_truth = torch.einsum("nkd,nd->nk", cal.X, cal.w)
+    refs = ([f"ridge:{x:g}" for x in lams] + ["least_squares"] + [f"gd:{t}" for t in steps])
+    n, nA = p.n_eval, len(refs)
+    pred = torch.zeros(nA, n, K, dtype=torch.float64)  # [reference, prompt, k]; k = 0: all predict 0
+    bayes = torch.zeros(n, K, dtype=torch.float64)  # ridge with lambda = sigma^2
+    chosen_lr = np.zeros((len(steps), K))
+    say(f"reference predictions for k = 1..{K - 1} ({len(lams)} ridges, least squares, GD over {steps} steps)")
+    for k in range(1, K):
+        Xc, yc, Xq = ev.X[:, :k], ev.y[:, :k], ev.X[:, k:k + 1]
+        for i, lam in enumerate(lams):
+            pred[i, :, k] = rg.ridge(Xc, yc, Xq, lam)[:, 0]
+        pred[len(lams), :, k] = rg.least_squares(Xc, yc, Xq)[:, 0]
+        bayes[:, k] = rg.ridge(Xc, yc, Xq, noise ** 2)[:, 0]
+        # GD: the step size with the least error at each (t, k), fitted on the calibration set
+        with np.errstate(over="ignore", invalid="ignore"):
+            cp_ = rg.gd_path(cal.X[:, :k], cal.y[:, :k], cal.X[:, k:k + 1], gd_lrs, steps, relative=True)[..., 0]  # [t, L, n]
+            err = ((cp_ - cal_truth[:, k]) ** 2).mean(-1)
+            err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
+            best = err.argmin(-1)  # [t]
+            ep = rg.gd_path(Xc, yc, Xq, gd_lrs, steps, relative=True)[..., 0]  # [t, L, n]
+        for j in range(len(steps)):
+            pred[len(lams) + 1 + j, :, k] = ep[j, best[j]]
+            chosen_lr[j, k] = float(gd_lrs[best[j]])
+    say("agreement and errors with bootstrap intervals")
+    Tn, truth_n, bayes_n, pred_n = T.numpy(), truth.numpy(), bayes.numpy(), pred.numpy()
+    spd = rg.prediction_gap(Tn[None], pred_n, d)  # [A, n, K]
+    err_ref = rg.prediction_gap(pred_n, truth_n[None], d)
+    err_T = rg.prediction_gap(Tn, truth_n, d)
+    err_B = rg.prediction_gap(bayes_n, truth_n, d)
+    spd_B = rg.prediction_gap(Tn, bayes_n, d)
+    cross = 2 * (Tn - bayes_n) * (bayes_n - truth_n) / d  # Pythagoras: err_T = spd_B + err_B + cross
+    ref_vs_bayes = rg.prediction_gap(pred_n, bayes_n[None], d)  # scale: how far each reference is from Bayes
+    stack = np.concatenate([spd, err_ref, ref_vs_bayes, err_T[None], err_B[None], spd_B[None], cross[None],
+                            (err_T - err_B)[None]], 0)  # [3A + 5, n, K]
+    mean, lo, hi = bootstrap_mean_ci(np.moveaxis(stack, 1, 0), n_boot=p.n_boot, seed=p.seed)
+    arrays: dict[str, np.ndarray] = {"refs.lams": np.asarray(lams), "refs.gd_steps": np.asarray(steps),
+                                     "gd_lr": chosen_lr}
+    blocks = [("spd", refs), ("error", refs), ("vs_bayes", refs)]
+    row = 0
+    for prefix, names in blocks:
+        for name in names:
             for s, v in (("mean", mean), ("lo", lo), ("hi", hi)):
-                arrays[f"{name}.{s}"] = v[row]
+                arrays[f"{prefix}.{name}.{s}"] = v[row]
             row += 1
-        # how many times ridge's error the transformer's is: ratio of means, bootstrap over prompts
-        idx = np.random.default_rng(p.seed).integers(0, n, size=(p.n_boot, n))
-        ratios = err_T[idx].mean(1)[:, 1:] / err_B[idx].mean(1)[:, 1:]  # [boot, K - 1]
-        arrays["transformer_over_bayes.mean"] = np.r_[np.nan, err_T.mean(0)[1:] / err_B.mean(0)[1:]]
-        arrays["transformer_over_bayes.lo"] = np.r_[np.nan, np.quantile(ratios, 0.025, axis=0)]
-        arrays["transformer_over_bayes.hi"] = np.r_[np.nan, np.quantile(ratios, 0.975, axis=0)]
-        # the best-agreeing reference at each k, and whether ridge-like agreement beats the best GD
-        i_gd = list(range(len(lams) + 1, nA))
-        i_ridge = list(range(len(lams) + 1))  # ridges and least squares (lambda -> 0)
-        best: dict[str, Any] = {}
-        m_spd = mean[:nA]  # [A, K]
-        for k in range(1, K):
-            a_best = int(np.argmin(m_spd[:, k]))
-            r_best = i_ridge[int(np.argmin(m_spd[i_ridge, k]))]
-            g_best = i_gd[int(np.argmin(m_spd[i_gd, k]))]
-            diff = spd[g_best, :, k] - spd[r_best, :, k]  # > 0: the best ridge agrees better than the best GD
-            dm, dl, dh = bootstrap_mean_ci(diff, n_boot=p.n_boot, seed=p.seed)
-            best[str(k)] = {"reference": refs[a_best], "spd": [float(mean[a_best, k]), float(lo[a_best, k]),
-                                                               float(hi[a_best, k])],
-                            "best_ridge": refs[r_best], "best_gd": refs[g_best],
-                            "gd_minus_ridge": [float(dm), float(dl), float(dh)]}
-        ls_arrays, ls = least_squares_tail(p, d, noise)
-        arrays.update(ls_arrays)
-        # the transformer's own error distribution at k = d and d + 1 (medians, beside least squares')
-        t_median = {str(k): median_ci(err_T[:, k]) for k in (d, d + 1)}
-        data = {
-            "refs": refs, "best": best, "least_squares_tail": ls, "transformer_median": t_median,
-            "d": d, "max_k": K, "noise": noise, "threads": THREADS,
-            "params": json.loads(json.dumps(asdict(p))), "ci_level": 0.95,
-        }
-        return arrays, data
-    finally:
-        torch.set_num_threads(threads)
+    for name in ("transformer.error", "bayes.error", "spd.bayes", "pythagoras.cross", "transformer.excess"):
+        for s, v in (("mean", mean), ("lo", lo), ("hi", hi)):
+            arrays[f"{name}.{s}"] = v[row]
+        row += 1
+    # how many times ridge's error the transformer's is: ratio of means, bootstrap over prompts
+    idx = np.random.default_rng(p.seed).integers(0, n, size=(p.n_boot, n))
+    ratios = err_T[idx].mean(1)[:, 1:] / err_B[idx].mean(1)[:, 1:]  # [boot, K - 1]
+    arrays["transformer_over_bayes.mean"] = np.r_[np.nan, err_T.mean(0)[1:] / err_B.mean(0)[1:]]
+    arrays["transformer_over_bayes.lo"] = np.r_[np.nan, np.quantile(ratios, 0.025, axis=0)]
+    arrays["transformer_over_bayes.hi"] = np.r_[np.nan, np.quantile(ratios, 0.975, axis=0)]
+    # the best-agreeing reference at each k, and whether ridge-like agreement beats the best GD
+    i_gd = list(range(len(lams) + 1, nA))
+    i_ridge = list(range(len(lams) + 1))  # ridges and least squares (lambda -> 0)
+    best: dict[str, Any] = {}
+    m_spd = mean[:nA]  # [A, K]
+    for k in range(1, K):
+        a_best = int(np.argmin(m_spd[:, k]))
+        r_best = i_ridge[int(np.argmin(m_spd[i_ridge, k]))]
+        g_best = i_gd[int(np.argmin(m_spd[i_gd, k]))]
+        diff = spd[g_best, :, k] - spd[r_best, :, k]  # > 0: the best ridge agrees better than the best GD
+        dm, dl, dh = bootstrap_mean_ci(diff, n_boot=p.n_boot, seed=p.seed)
+        best[str(k)] = {"reference": refs[a_best], "spd": [float(mean[a_best, k]), float(lo[a_best, k]),
+                                                           float(hi[a_best, k])],
+                        "best_ridge": refs[r_best], "best_gd": refs[g_best],
+                        "gd_minus_ridge": [float(dm), float(dl), float(dh)]}
+    ls_arrays, ls = least_squares_tail(p, d, noise)
+    arrays.update(ls_arrays)
+    # the transformer's own error distribution at k = d and d + 1 (medians, beside least squares')
+    t_median = {str(k): median_ci(err_T[:, k]) for k in (d, d + 1)}
+    data = {
+        "refs": refs, "best": best, "least_squares_tail": ls, "transformer_median": t_median,
+        "d": d, "max_k": K, "noise": noise, "threads": THREADS,
+        "params": json.loads(json.dumps(asdict(p))), "ci_level": 0.95,
+    }
+    return arrays, data

@@ -29,7 +29,7 @@ import sympy as sp
 import torch
 
 from icl import slt
-from icl.experiments import between, each_float, reporter
+from icl.experiments import between, each_float, reporter, with_threads
 
 NAME = "slt_free_energy"
 VERSION = 1
@@ -126,9 +126,9 @@ def _empirical_free_energy(spec: tuple[int, int] | None, stats: np.ndarray, A: n
     return -(mx + math.log(np.exp(v - mx).sum()) - math.log(4.0))
 
 
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
-    torch.set_num_threads(TORCH_THREADS)
     torch.manual_seed(params.seed)
     np.random.seed(params.seed)
     arrays: dict[str, np.ndarray] = {}

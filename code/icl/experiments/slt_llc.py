@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from icl import slt
-from icl.experiments import between, each_float, each_int, text
+from icl.experiments import between, each_float, each_int, text, with_threads
 
 NAME = "slt_llc"
 VERSION = 2  # 2: datasets and sweep values run as groups of one batched SGLD (slt.sgld_llc_groups)
@@ -202,9 +202,9 @@ def _run_groups(spec: str, params: Params, chain_seed: int, groups: int, **overr
     return slt.sgld_llc_groups(loss, w_star[None].repeat(groups, 1), params.n, **kw)
 
 
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     params.validate()
-    torch.set_num_threads(TORCH_THREADS)
     torch.manual_seed(params.seed)
     np.random.seed(params.seed)
     beta = 1.0 / math.log(params.n)

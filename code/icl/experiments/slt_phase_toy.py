@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from icl import slt
-from icl.experiments import between, each_float
+from icl.experiments import between, each_float, with_threads
 from icl.experiments.llc_operating_point import crossing_n
 
 NAME = "slt_phase_toy"
@@ -180,6 +180,7 @@ def submodel(delta: float, p: Params, ns: np.ndarray) -> tuple[dict[str, np.ndar
     return arrays, data
 
 
+@with_threads
 def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     p = params
     p.validate()

@@ -37,7 +37,7 @@ import numpy as np
 
 from icl import tasks
 from icl.bayes import ideal_affine_surprisal
-from icl.experiments import TASKS, between, each_int
+from icl.experiments import TASKS, between, each_int, with_threads
 from icl.scoring import score_examples
 from icl.stats import bootstrap_mean_ci, cluster_bootstrap_mean_ci, store_mean_ci
 
@@ -101,6 +101,7 @@ def _triple(m: np.ndarray, lo: np.ndarray, hi: np.ndarray, i: int = 0) -> list[f
     return [float(np.ravel(m)[i]), float(np.ravel(lo)[i]), float(np.ravel(hi)[i])]
 
 
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     arrays: dict[str, np.ndarray] = {}
     summary: dict[str, Any] = {}

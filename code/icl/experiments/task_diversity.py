@@ -38,7 +38,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from icl import regression as rg
 from icl import timing
-from icl.experiments import between, each_int, reporter
+from icl.experiments import between, each_int, reporter, with_threads
 from icl.stats import bootstrap_mean_ci
 
 NAME = "task_diversity"
@@ -177,73 +177,69 @@ def train_models(p: Params, progress: bool = False) -> tuple[rg.RegressionTransf
     return template, {k: v.detach() for k, v in params.items()}, losses
 
 
+@with_threads
 def compute(params: Params, model: Any = None, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     p = params
     p.validate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        say = reporter(NAME, progress)
-        grid = model_grid(p)
-        say(f"training {len(grid)} models together ({len(p.Ms)} task counts x {p.seeds} seeds)")
-        with timing.timed("train_seconds"):
-            template, stacked, losses = train_models(p, progress)
-        buffers = {k: v[None].expand(len(grid), *v.shape) for k, v in template.named_buffers()}
-        new = new_task_prompts(p)
-        lam = p.noise ** 2
-        truth_new = torch.einsum("nkd,nd->nk", new.X.double(), new.w.double())
-        ridge_new = ridge_all(new.X, new.y, lam)
-        arrays: dict[str, np.ndarray] = {"Ms": np.asarray([int(m) for m in p.Ms]), "train_loss": losses}
-        per_model: dict[str, list[np.ndarray]] = {}
-        summary = []
-        for i, (M, s) in enumerate(grid):
-            prm = {k: v[i] for k, v in stacked.items()}
-            buf = {k: v[i] for k, v in buffers.items()}
-            pool = task_pool(p, M, s)
-            g = torch.Generator().manual_seed(85_000 + 1000 * p.seed + i)
-            if M == INFINITE:
-                train_t = rg.sample_tasks(p.n_eval, p.max_k, p.d, p.noise, g)
-            else:  # prompts whose tasks come from this model's pool
-                idx = torch.randint(M, (p.n_eval,), generator=g)
-                X = torch.randn(p.n_eval, p.max_k, p.d, generator=g)
-                w = pool[idx]
-                y = torch.einsum("nkd,nd->nk", X, w) + p.noise * torch.randn(p.n_eval, p.max_k, generator=g)
-                train_t = rg.Tasks(w, X, y, X[:, :1], y[:, :1])
-            stats = []
-            for t, truth, ridge in ((new, truth_new, ridge_new),
-                                    (train_t, None, None)):
-                if truth is None:
-                    truth = torch.einsum("nkd,nd->nk", t.X.double(), t.w.double())
-                    ridge = ridge_all(t.X, t.y, lam)
-                with torch.no_grad():
-                    T = functional_call(template, (prm, buf), (rg.interleave(t.X, t.y),))[:, 0::2].double()
-                D = ridge if M == INFINITE else dmmse(pool, t.X, t.y, p.noise)
-                stats += [rg.excess_error(T, truth, p.d), rg.excess_error(D, truth, p.d),
-                          rg.excess_error(ridge, truth, p.d), rg.prediction_gap(T, D, p.d),
-                          rg.prediction_gap(T, ridge, p.d),
-                          (rg.prediction_gap(T, ridge, p.d) - rg.prediction_gap(T, D, p.d))[:, 1:].mean(1, keepdim=True)]
-            names = [f"{where}.{what}" for where in ("new", "train")
-                     for what in ("error", "dmmse_error", "ridge_error", "spd_dmmse", "spd_ridge", "preference")]
-            entry: dict[str, Any] = {"M": M if M != INFINITE else None, "seed": s}
-            for name, v in zip(names, stats):
-                mean, lo, hi = bootstrap_mean_ci(v.numpy(), n_boot=p.n_boot, seed=p.seed)
-                per_model.setdefault(f"{name}.mean", []).append(mean)
-                per_model.setdefault(f"{name}.lo", []).append(lo)
-                per_model.setdefault(f"{name}.hi", []).append(hi)
-                if name.endswith("preference"):
-                    entry[name] = [float(mean[0]), float(lo[0]), float(hi[0])]
-            # errors averaged over k = 1 .. K-1 (one number per model, as Raventos et al. report)
-            for name, v in zip(names, stats):
-                if not name.endswith("preference"):
-                    mean, lo, hi = bootstrap_mean_ci(v[:, 1:].mean(1).numpy(), n_boot=p.n_boot, seed=p.seed)
-                    entry[f"{name}_avg"] = [float(mean), float(lo), float(hi)]
-            summary.append(entry)
-        for name, vals in per_model.items():
-            arrays[name] = np.stack(vals)  # [model, K] (preference: [model, 1])
-        data = {"models": summary, "grid": [[M, s] for M, s in grid], "threads": THREADS,
-                "n_params": int(sum(v[0].numel() for v in stacked.values())),
-                "final_train_loss": [float(x) for x in losses[-100:].mean(0)],
-                "params": json.loads(json.dumps(asdict(p))), "ci_level": 0.95}
-        return arrays, data
-    finally:
-        torch.set_num_threads(threads)
+    say = reporter(NAME, progress)
+    grid = model_grid(p)
+    say(f"training {len(grid)} models together ({len(p.Ms)} task counts x {p.seeds} seeds)")
+    with timing.timed("train_seconds"):
+        template, stacked, losses = train_models(p, progress)
+    buffers = {k: v[None].expand(len(grid), *v.shape) for k, v in template.named_buffers()}
+    new = new_task_prompts(p)
+    lam = p.noise ** 2
+    truth_new = torch.einsum("nkd,nd->nk", new.X.double(), new.w.double())
+    ridge_new = ridge_all(new.X, new.y, lam)
+    arrays: dict[str, np.ndarray] = {"Ms": np.asarray([int(m) for m in p.Ms]), "train_loss": losses}
+    per_model: dict[str, list[np.ndarray]] = {}
+    summary = []
+    for i, (M, s) in enumerate(grid):
+        prm = {k: v[i] for k, v in stacked.items()}
+        buf = {k: v[i] for k, v in buffers.items()}
+        pool = task_pool(p, M, s)
+        g = torch.Generator().manual_seed(85_000 + 1000 * p.seed + i)
+        if M == INFINITE:
+            train_t = rg.sample_tasks(p.n_eval, p.max_k, p.d, p.noise, g)
+        else:  # prompts whose tasks come from this model's pool
+            idx = torch.randint(M, (p.n_eval,), generator=g)
+            X = torch.randn(p.n_eval, p.max_k, p.d, generator=g)
+            w = pool[idx]
+            y = torch.einsum("nkd,nd->nk", X, w) + p.noise * torch.randn(p.n_eval, p.max_k, generator=g)
+            train_t = rg.Tasks(w, X, y, X[:, :1], y[:, :1])
+        stats = []
+        for t, truth, ridge in ((new, truth_new, ridge_new),
+                                (train_t, None, None)):
+            if truth is None:
+                truth = torch.einsum("nkd,nd->nk", t.X.double(), t.w.double())
+                ridge = ridge_all(t.X, t.y, lam)
+            with torch.no_grad():
+                T = functional_call(template, (prm, buf), (rg.interleave(t.X, t.y),))[:, 0::2].double()
+            D = ridge if M == INFINITE else dmmse(pool, t.X, t.y, p.noise)
+            stats += [rg.excess_error(T, truth, p.d), rg.excess_error(D, truth, p.d),
+                      rg.excess_error(ridge, truth, p.d), rg.prediction_gap(T, D, p.d),
+                      rg.prediction_gap(T, ridge, p.d),
+                      (rg.prediction_gap(T, ridge, p.d) - rg.prediction_gap(T, D, p.d))[:, 1:].mean(1, keepdim=True)]
+        names = [f"{where}.{what}" for where in ("new", "train")
+                 for what in ("error", "dmmse_error", "ridge_error", "spd_dmmse", "spd_ridge", "preference")]
+        entry: dict[str, Any] = {"M": M if M != INFINITE else None, "seed": s}
+        for name, v in zip(names, stats):
+            mean, lo, hi = bootstrap_mean_ci(v.numpy(), n_boot=p.n_boot, seed=p.seed)
+            per_model.setdefault(f"{name}.mean", []).append(mean)
+            per_model.setdefault(f"{name}.lo", []).append(lo)
+            per_model.setdefault(f"{name}.hi", []).append(hi)
+            if name.endswith("preference"):
+                entry[name] = [float(mean[0]), float(lo[0]), float(hi[0])]
+        # errors averaged over k = 1 .. K-1 (one number per model, as Raventos et al. report)
+        for name, v in zip(names, stats):
+            if not name.endswith("preference"):
+                mean, lo, hi = bootstrap_mean_ci(v[:, 1:].mean(1).numpy(), n_boot=p.n_boot, seed=p.seed)
+                entry[f"{name}_avg"] = [float(mean), float(lo), float(hi)]
+        summary.append(entry)
+    for name, vals in per_model.items():
+        arrays[name] = np.stack(vals)  # [model, K] (preference: [model, 1])
+    data = {"models": summary, "grid": [[M, s] for M, s in grid], "threads": THREADS,
+            "n_params": int(sum(v[0].numel() for v in stacked.values())),
+            "final_train_loss": [float(x) for x in losses[-100:].mean(0)],
+            "params": json.loads(json.dumps(asdict(p))), "ci_level": 0.95}
+    return arrays, data

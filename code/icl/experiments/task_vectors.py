@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from icl import growth, probes, tasks, taskvec
-from icl.experiments import TASKS, between, each_int, reporter
+from icl.experiments import TASKS, between, each_int, reporter, with_threads
 from icl.lens import number_token_mask
 from icl.runner import LlamaStack
 from icl.scoring import encode
@@ -155,6 +155,7 @@ def log_odds(logp: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
+@with_threads
 def compute(params: Params, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     torch.manual_seed(params.seed)
     say = reporter(NAME, progress)
