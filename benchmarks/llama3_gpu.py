@@ -77,7 +77,8 @@ def main() -> int:
     from llama3_memory import write_checkpoint
 
     start = time.perf_counter()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         print("error: torch sees no CUDA GPU; this benchmark measures GPU memory (use --tiny --device cpu "
               "to check the script)", file=sys.stderr)
         return 2
@@ -91,7 +92,6 @@ def main() -> int:
     if unknown:
         print(f"error: not a model experiment: {', '.join(unknown)}", file=sys.stderr)
         return 2
-    cuda = args.device.startswith("cuda")
     layers = 2 if args.tiny else int(models.LLAMA3_SHAPES["8b"]["num_hidden_layers"])
     machine = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}
     if cuda:

@@ -76,33 +76,32 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
-def computed_verdicts(book: Any) -> dict[str, str]:
-    """The verdict words of C6 and C10-C13, from the tests the chapters declare (same cache entries)."""
+def computed_verdicts(book: Any, tv: dict[str, Any] | None = None) -> dict[str, str]:
+    """The verdict words of C6 and C10-C13, from the tests the chapters declare (same cache entries).
+    ``tv``: :func:`icl.verdicts.task_vector_verdicts` of those entries, if the caller already has it
+    (it takes about two seconds)."""
     from icl.experiments.induction_ablation import verdict as ia_verdict
     from icl.verdicts import task_vector_verdicts
 
-    tv = task_vector_verdicts(book.load("task_vectors"), book.load("function_vectors"),
-                              book.load("induction_heads"), book.load("ablation"))
+    if tv is None:
+        tv = task_vector_verdicts(book.load("task_vectors"), book.load("function_vectors"),
+                                  book.load("induction_heads"), book.load("ablation"))
     ia = ia_verdict(book.load("induction_ablation").data)
     return {"C6": f"exist and attend: holds; in-context learning runs through them: {ia['strong']}",
             "C10": tv["c10"], "C11": tv["c11"], "C12": tv["c12"], "C13": tv["c13"]}
 
 
-def verdicts(book: Any) -> dict[str, str]:
-    """Every claim's verdict, by id."""
-    computed = computed_verdicts(book)
-    out = {c.id: c.verdict if c.verdict is not None else computed[c.id] for c in CLAIMS}
-    missing = [c.id for c in CLAIMS if c.verdict is None and c.id not in computed]
-    if missing:
-        raise KeyError(f"no computed verdict for {missing}")
-    return out
+def verdicts(book: Any, tv: dict[str, Any] | None = None) -> dict[str, str]:
+    """Every claim's verdict, by id (``tv`` as in :func:`computed_verdicts`)."""
+    computed = computed_verdicts(book, tv)
+    return {c.id: c.verdict if c.verdict is not None else computed[c.id] for c in CLAIMS}
 
 
-def summary_table(book: Any) -> Any:
-    """The preface's table: each claim with its source and the section holding its evidence, its verdict
-    on the models run here, and what llama-3-8b would settle (a markdown table, :func:`icl.book.table`)."""
+def summary_table(v: dict[str, str]) -> Any:
+    """The preface's table from the verdicts ``v`` (:func:`verdicts`): each claim with its source and
+    the section holding its evidence, its verdict on the models run here, and what llama-3-8b would
+    settle (a markdown table, :func:`icl.book.table`)."""
     from icl.book import table
 
-    v = verdicts(book)
     return table([{"claim (source; evidence)": f"**{c.id}** {c.claim} [{c.source}]; @{c.section}",
                    "verdict here": v[c.id], "what llama-3-8b would settle": c.llama} for c in CLAIMS])
