@@ -79,6 +79,36 @@ def test_zeroing_hooks_match_runner_edits(setup):
     assert np.allclose(runs.logp, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("heads", [[], [(1, 2), (1, 5), (2, 0)]])
+def test_one_pass_gives_what_the_three_separate_runs_give(setup, heads):
+    """a_pass (A teacher-forced through its answer, run once) returns the hooked bridge's residual stream
+    at the aligned query positions and log P(first token), answer_scores' whole-answer scores and a_runs'
+    z and direct effects, with heads ablated or not, over batches with padding."""
+    model, stack, pairs = setup
+    edit = ablation.zero_heads_edit(heads) if heads else None
+    resid, scores, runs = ablation.a_pass(stack, pairs, z_edit=edit, batch_size=2)
+    acts, logp = patching.a_activations(model.bridge, model.tokenizer, pairs, ["resid_pre"],
+                                        fwd_hooks=ablation.zero_heads_hook(heads))
+    assert resid.shape == acts["resid_pre"].shape == (stack.n_layers, pairs.n, pairs.q_len, stack.d_model)
+    assert (resid - acts["resid_pre"]).abs().max() < 1e-4
+    assert np.abs(runs.logp - logp.numpy()).max() < 1e-4
+    ref = patching.answer_scores(stack, pairs, z_edit=edit, batch_size=3)
+    for key in ("first", "answer", "last"):
+        assert np.abs(getattr(scores, key) - getattr(ref, key)).max() < 1e-4
+    assert (scores.exact == ref.exact).all()
+    old, _ = ablation.a_runs(stack, model.tokenizer, pairs, z_edit=edit, batch_size=3)
+    assert (runs.z - old.z).abs().max() < 1e-4 and np.abs(runs.direct - old.direct).max() < 1e-4
+    assert np.abs(runs.logp - scores.first).max() == 0
+
+
+def test_subset_of_pairs(setup):
+    _, _, pairs = setup
+    two = patching.subset(pairs, [2, 0])
+    assert two.n == 2 and two.a_ids == (pairs.a_ids[2], pairs.a_ids[0]) and two.q_len == pairs.q_len
+    assert torch.equal(two.b_ids, pairs.b_ids[[2, 0]]) and two.ys == (pairs.ys[2], pairs.ys[0])
+    assert two.answer_ids == (pairs.answer_ids[2], pairs.answer_ids[0])
+
+
 def test_direct_effects_sum_to_attention_output(setup):
     model, stack, pairs = setup
     ids = torch.tensor([pairs.a_ids[0]])

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from icl.patching import PatchPairs
+from icl.patching import AnswerScores, PatchPairs, answer_matrix, score_answers
 from icl.runner import LlamaStack, PatchingError
 
 
@@ -134,6 +134,42 @@ def a_runs(stack: LlamaStack, tokenizer, pairs: PatchPairs, z_edit=None, batch_s
         if keep_kv:
             caches.append({"k": tr.k, "v": tr.v, "resid_pre": tr.resid_pre[:, :, 0], "lens": lens, "rows": rows})
     return ARuns(np.concatenate(logps), torch.cat(zs, dim=1), np.concatenate(des)), caches
+
+
+@torch.inference_mode()
+def a_pass(stack: LlamaStack, pairs: PatchPairs, z_edit=None, batch_size: int = 8
+           ) -> tuple[torch.Tensor, AnswerScores, ARuns]:
+    """Everything the ablation procedure reads from one (edited) run of A, in one teacher-forced pass.
+
+    Each A runs on through its answer (all tokens but the last), so one forward gives: the residual
+    stream entering every block at the aligned query positions (what :func:`icl.patching.fast_patch`
+    patches into B; as :func:`icl.patching.a_activations` returns for ``resid_pre``), the whole-answer
+    scores (as :func:`icl.patching.answer_scores`), and log P(first answer token), ``z`` and the direct
+    effects at the answer position (as :func:`a_runs`). The three functions ran A three times.
+
+    Returns ``(resid_pre [n_layers, n, q_len, d_model], AnswerScores, ARuns)``."""
+    answers, mask, last_digit = answer_matrix(pairs)
+    M, q = answers.shape[1], pairs.q_len
+    acts, cols, logps, zs, des = [], [[], [], [], []], [], [], []
+    for start in range(0, pairs.n, batch_size):
+        rows = list(range(start, min(pairs.n, start + batch_size)))
+        seqs = [list(pairs.a_ids[i]) + answers[i, : M - 1].tolist() for i in rows]
+        lens = torch.tensor([len(pairs.a_ids[i]) for i in rows])
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(x, dtype=torch.long) for x in seqs], batch_first=True)
+        query = lens[:, None] - q + torch.arange(q)[None]  # [R, q]; the last one is the answer position
+        where = lens[:, None] - 1 + torch.arange(M)[None]  # [R, M] positions predicting the answer tokens
+        tr = stack.forward(ids, keep=torch.cat([query, where], 1), logit_pos=where, keep_kv=False, z_edit=z_edit)
+        acts.append(tr.resid_pre[: stack.n_layers, :, :q].cpu())
+        logp = torch.log_softmax(tr.logits.float(), -1)
+        got = score_answers(logp, *(t[rows].to(logp.device) for t in (answers, mask, last_digit)))
+        for c, v in zip(cols, got):
+            c.append(v.cpu().numpy())
+        logps.append(got[0].cpu().numpy())
+        z = tr.z[:, :, q - 1]  # [n_layers, R, H, d_head] at the answer position
+        zs.append(z.cpu())
+        des.append(direct_effects(stack, z, tr.final_scale[:, q - 1], pairs.target[rows]))
+    return (torch.cat(acts, dim=1), AnswerScores(*(np.concatenate(c) for c in cols)),
+            ARuns(np.concatenate(logps), torch.cat(zs, dim=1), np.concatenate(des)))
 
 
 @torch.inference_mode()

@@ -71,6 +71,15 @@ class PatchPairs:
         return len(self.a_ids)
 
 
+def subset(pairs: PatchPairs, rows: Sequence[int]) -> PatchPairs:
+    """The pairs ``rows`` of ``pairs`` (in that order)."""
+    rows = list(rows)
+    pick = lambda seq: tuple(seq[i] for i in rows) if seq else seq  # noqa: E731
+    return PatchPairs(a_ids=pick(pairs.a_ids), b_ids=pairs.b_ids[rows], q_len=pairs.q_len,
+                      target=pairs.target[rows], xs=pick(pairs.xs), ys=pick(pairs.ys),
+                      answer_ids=pick(pairs.answer_ids), last_digit=pick(pairs.last_digit))
+
+
 def make_pairs(tokenizer, prompts: Sequence[Prompt]) -> PatchPairs:
     """A/B pairs from prompts whose last example is the query. All B runs must have one length (for
     SmolLM2: two-digit x); prompts whose query lines tokenize differently raise :class:`PatchingError`."""
@@ -104,7 +113,7 @@ def make_pairs(tokenizer, prompts: Sequence[Prompt]) -> PatchPairs:
                       tuple(p.ys[-1] for p in prompts), tuple(answers), tuple(last_digit))
 
 
-def _answer_matrix(pairs: PatchPairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_matrix(pairs: PatchPairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The answers as ``[n, M]`` token ids (right-padded by repeating the last token), a ``[n, M]``
     mask of real tokens (``M`` the longest answer) and the index of the last digit's token ``[n]``."""
     if not pairs.answer_ids:
@@ -125,7 +134,7 @@ class AnswerScores:
     exact: np.ndarray  # bool: every answer token is the argmax given the ones before
 
 
-def _score_answers(logp: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor, last_digit: torch.Tensor
+def score_answers(logp: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor, last_digit: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``logp`` ``[R, M, vocab]`` at the answer positions; ``answers``/``mask`` ``[R, M]``; ``last_digit``
     ``[R]``."""
@@ -140,7 +149,7 @@ def _score_answers(logp: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor
 def answer_scores(stack: LlamaStack, pairs: PatchPairs, z_edit: Any = None, batch_size: int = 8) -> AnswerScores:
     """A's whole answer, teacher-forced: each A prompt is run on with its answer's tokens (all but the
     last) and every answer token is read out. ``z_edit`` runs A with heads edited (ablated)."""
-    answers, mask, last_digit = _answer_matrix(pairs)
+    answers, mask, last_digit = answer_matrix(pairs)
     M = answers.shape[1]
     cols: list[list[np.ndarray]] = [[], [], [], []]
     for start in range(0, pairs.n, batch_size):
@@ -151,7 +160,7 @@ def answer_scores(stack: LlamaStack, pairs: PatchPairs, z_edit: Any = None, batc
         where = lens[:, None] - 1 + torch.arange(M)[None]  # [R, M] positions predicting the answer tokens
         tr = stack.forward(ids, keep=where, keep_kv=False, z_edit=z_edit)
         logp = torch.log_softmax(tr.logits.float(), -1)
-        got = _score_answers(logp, *(t[rows].to(logp.device) for t in (answers, mask, last_digit)))
+        got = score_answers(logp, *(t[rows].to(logp.device) for t in (answers, mask, last_digit)))
         for c, v in zip(cols, got):
             c.append(v.cpu().numpy())
     return AnswerScores(*(np.concatenate(c) for c in cols))
@@ -249,7 +258,7 @@ def fast_patch(stack: LlamaStack, pairs: PatchPairs, a_acts: dict[str, torch.Ten
     off = T - pairs.q_len  # B position of query position 0
     M = 1
     if whole_answer:
-        answers, mask, last_digit = (t.to(stack.device) for t in _answer_matrix(pairs))
+        answers, mask, last_digit = (t.to(stack.device) for t in answer_matrix(pairs))
         M = answers.shape[1]
         B = torch.cat([B, answers[:, : M - 1]], 1)  # teacher-forced answer after the query line
     tr = stack.forward(B, z_edit=z_edit)  # all positions kept: B is short
@@ -264,7 +273,7 @@ def fast_patch(stack: LlamaStack, pairs: PatchPairs, a_acts: dict[str, torch.Ten
         logp = torch.log_softmax(stack.logits(final).float(), -1)
         if not whole_answer:
             return logp[torch.arange(len(rows)), target[rows]], logp.argmax(-1)
-        first, whole, last, exact = _score_answers(logp, answers[rows], mask[rows], last_digit[rows])
+        first, whole, last, exact = score_answers(logp, answers[rows], mask[rows], last_digit[rows])
         return first, logp[:, 0].argmax(-1), whole, last, exact
 
     out_b = readout(tr.resid_pre[-1][:, -M:] if whole_answer else tr.resid_pre[-1][:, -1],

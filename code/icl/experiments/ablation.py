@@ -19,7 +19,10 @@ Nothing is computed twice: each task's clean A prompts run once (their keys, val
 residuals feed every ablation), and step 0 of the procedure, the unablated patching sweep, is exactly
 the residual grid of the ``patching`` experiment on the same pairs, so it is read from that entry
 (``DEPENDS``); only with pairs that entry does not hold (other ``n_pairs``, ``k`` or ``seed``) is it
-computed here.
+computed here. Each ablated A of the procedure runs once too (:func:`icl.ablation.a_pass`: teacher-forced
+through its answer, it gives the residual stream to patch, the whole-answer scores and the answer
+position's direct effects), and its first batch is run again through TransformerLens's hooked bridge
+as a check on the runner (``runner_matches_bridge``).
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from icl.runner import LlamaStack
 from icl.stats import benjamini_hochberg, bootstrap_mean_ci, first_at_least
 
 NAME = "ablation"
-VERSION = 6  # 3: one clean pass per task, step 0 read from patching; 4: BH per-head tests, random-layer
+VERSION = 7  # 3: one clean pass per task, step 0 read from patching; 4: BH per-head tests, random-layer
 # controls, bootstrap distribution of the first working layer; 5: the readout in chunks of rows (memory);
-# 6: the whole answer (and exact match) beside the first token, the same heads ablated in B as in A
+# 6: the whole answer (and exact match) beside the first token, the same heads ablated in B as in A;
+# 7: each ablated A run once (a_pass) instead of three times; the bridge check on its first batch
 CHAPTER = "report/05-ablation.qmd"
 USES_MODEL = True
 DESCRIPTION = "zero/mean ablation of every head at the answer position; ablate, re-patch, backup heads"
@@ -196,10 +200,9 @@ def compute(params: Params, model: Any, progress: bool = False,
     step0 = _patching_step0(params, upstream)
     if step0 is None:
         say(f"procedure on {name}: patching sweep before any ablation")
-        acts, logp_a_t = patching.a_activations(model.bridge, tok, pairs, ["resid_pre"])
-        grid = patching.fast_patch(stack, pairs, acts, ["resid_pre"], whole_answer=True)
-        a0 = patching.answer_scores(stack, pairs)
-        step0 = {"first": (grid.logp["resid_pre"], logp_a_t.numpy().astype(np.float64), grid.logp_b),
+        resid, a0, _ = ablation.a_pass(stack, pairs)
+        grid = patching.fast_patch(stack, pairs, {"resid_pre": resid}, ["resid_pre"], whole_answer=True)
+        step0 = {"first": (grid.logp["resid_pre"], a0.first.astype(np.float64), grid.logp_b),
                  "answer": (grid.answer["resid_pre"].answer, a0.answer, grid.answer_b.answer),
                  "exact_a": (a0.exact,)}
         from_patching = False
@@ -222,14 +225,17 @@ def compute(params: Params, model: Any, progress: bool = False,
             f"patching again")
         heads = [(layer, h) for layer in ablated_layers for h in range(stack.n_heads)]
         edit = ablation.zero_heads_edit(heads)
-        acts, logp_abl = patching.a_activations(model.bridge, tok, pairs, ["resid_pre"],
+        resid, a_abl, runs = ablation.a_pass(stack, pairs, z_edit=edit)  # the ablated A, run once
+        logp_abl = runs.logp
+        grid = patching.fast_patch(stack, pairs, {"resid_pre": resid}, ["resid_pre"], whole_answer=True,
+                                   z_edit=edit)
+        # the runner against TransformerLens's own hooked forward, on the first batch of ablated A runs
+        check = patching.subset(pairs, range(min(8, pairs.n)))
+        _, b_logp = patching.a_activations(model.bridge, tok, check, ["resid_pre"],
                                                 fwd_hooks=ablation.zero_heads_hook(heads))
-        runs, _ = ablation.a_runs(stack, tok, pairs, z_edit=edit)
-        a_abl = patching.answer_scores(stack, pairs, z_edit=edit)
-        grid = patching.fast_patch(stack, pairs, acts, ["resid_pre"], whole_answer=True, z_edit=edit)
         # normalised by the ablated A (what is patched) and the B ablated the same way
         rec = _recovered(f"procedure.{it}", {
-            "first": (grid.logp["resid_pre"], logp_abl.numpy().astype(np.float64), grid.logp_b),
+            "first": (grid.logp["resid_pre"], logp_abl.astype(np.float64), grid.logp_b),
             "answer": (grid.answer["resid_pre"].answer, a_abl.answer, grid.answer_b.answer)}, params, arrays)
         # matched controls: as many layers, in random contiguous blocks elsewhere, zeroed the same way
         controls = []
@@ -254,12 +260,12 @@ def compute(params: Params, model: Any, progress: bool = False,
         steps.append({
             "ablated_layers": list(ablated_layers),
             **rec,
-            "logp_a": _mean_ci(logp_abl.numpy(), params),
+            "logp_a": _mean_ci(logp_abl, params),
             "logp_a_answer": _mean_ci(a_abl.answer, params),
             "exact_a": _mean_ci(a_abl.exact, params),
             "logp_b_answer": _mean_ci(grid.answer_b.answer, params),
-            "runner_matches_bridge": float(max(np.abs(runs.logp - logp_abl.numpy()).max(),
-                                               np.abs(a_abl.first - logp_abl.numpy()).max())),
+            # the runner's log P(first token) against the bridge's, on the first batch
+            "runner_matches_bridge": float(np.abs(runs.logp[: check.n] - b_logp.numpy()).max()),
             "random_layer_controls": controls,
             "backup_heads": [[int(i // stack.n_heads), int(i % stack.n_heads), float(cm.flat[i]),
                               float(clo.flat[i]), float(chi.flat[i])] for i in order],
