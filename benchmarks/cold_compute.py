@@ -183,14 +183,15 @@ def main() -> None:
     done = schedule.run_many(names, config, jobs=args.jobs, expected_s={n: s or 0.0 for n, s in baseline.items()})
     total = time.perf_counter() - start
     took = {d.name: d.seconds for d in done}
+    results = {}
     print(f"\ncold compute of {len(names)} experiments with --jobs {args.jobs}, into {out}")
     print(f"{'experiment':<22}{'now (s)':>9}{'committed (s)':>15}{'ratio':>8}  result")
     for name in names:
         entry, _ = experiments.run(name, config.with_(cache_mode="readonly"))
         base = baseline[name]
         ratio = f"{took[name] / base:.2f}" if base else "-"
-        print(f"{name:<22}{took[name]:>9.0f}{(base or float('nan')):>15.0f}{ratio:>8}  "
-              f"{same_result(name, entry.key, out)}")
+        results[name] = same_result(name, entry.key, out)
+        print(f"{name:<22}{took[name]:>9.0f}{(base or float('nan')):>15.0f}{ratio:>8}  {results[name]}")
     base_sum = sum(s for s in baseline.values() if s)
     print(f"{'total wall':<22}{total:>9.0f}{base_sum:>15.0f}{total / base_sum:>8.2f}  "
           f"(committed: the sum of elapsed_s, one at a time)")
@@ -219,7 +220,8 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"), "jobs": args.jobs, "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "total_s": round(total, 1),
             "committed_sum_s": round(base_sum, 1),
-            "experiments": {n: {"seconds": round(took[n], 1), "committed_s": baseline[n]} for n in names},
+            "experiments": {n: {"seconds": round(took[n], 1), "committed_s": baseline[n], "result": results[n]}
+                            for n in names},
             "chapters": chapters, "reference": args.reference, "statistics": checks,
         }
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)

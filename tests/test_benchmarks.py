@@ -58,3 +58,37 @@ def test_the_gpu_benchmark_logic_on_a_tiny_checkpoint(tmp_path):
     assert list(rows) == ["logit_lens", "induction_heads", "induction_ablation"]
     assert all(row["status"] == "ok" for row in rows.values()), rows
     assert res["layers"] == 2 and res["tiny"] and float(rows["induction_ablation"]["set"]["threshold"]) > 0
+
+
+def test_the_cold_compute_projection_follows_dependencies_and_workers():
+    """A chapter's cold time is its experiments and their dependencies scheduled on the workers: a chain
+    adds up, independent experiments overlap."""
+    import cold_compute
+
+    secs = {n: 1.0 for n in experiments.names()} | {"patching": 10.0, "ablation": 5.0, "logit_lens": 4.0}
+    assert experiments.get("ablation").DEPENDS == ("patching",)
+    assert cold_compute.project(["ablation"], secs, 2) == 15.0  # waits for patching
+    assert cold_compute.project(["patching", "logit_lens"], secs, 2) == 10.0  # side by side
+    assert cold_compute.project(["patching", "logit_lens"], secs, 1) == 14.0
+
+
+def test_the_statistics_check_finds_interval_triples_in_an_entry():
+    import cold_compute
+
+    data = {"a": [1.0, 0.5, 1.5], "b": {"c": 2.0, "c_ci": [1.0, 3.0]}, "flags": [True, False, True],
+            "not_ci": [3.0, 1.0, 2.0], "list": [[0.1, 0.0, 0.2], [5, 6]]}
+    assert cold_compute._triples_in(data) == {"/a": (1.0, 0.5, 1.5), "/b/c": (2.0, 1.0, 3.0),
+                                              "/list/0": (0.1, 0.0, 0.2)}
+
+
+def test_the_cold_compute_record_appendix_b_reads_covers_every_experiment():
+    """benchmarks/results/cold_compute.json, whose table Appendix B shows, is a run of every experiment
+    with two workers that reproduced every committed entry, with a projected time for every chapter."""
+    from icl import quarto
+
+    rec = json.loads((REPO / "benchmarks" / "results" / "cold_compute.json").read_text())
+    assert set(rec["experiments"]) == set(experiments.names()) and rec["jobs"] == 2
+    assert all(v["result"] == "identical" and v["seconds"] > 0 for v in rec["experiments"].values())
+    pages = {p.relative_to(REPO).as_posix() for p in quarto.book_files(REPO)}
+    assert set(rec["chapters"]) <= pages and "report/04-patching.qmd" in rec["chapters"]
+    assert rec["total_s"] >= max(v["seconds"] for v in rec["experiments"].values())
