@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import re
 import subprocess
 import sys
 import tarfile
@@ -198,7 +197,7 @@ def main() -> None:
     print(f"\nper chapter, projected from this run's times on {args.jobs} workers:")
     chapters = {}
     for chapter in quarto.book_files(ROOT):
-        needs = sorted(set(re.findall(r'book\.load\("(\w+)"', chapter.read_text())))
+        needs = sorted(quarto.chapter_experiments(chapter))
         if needs:
             t = project(needs, took, args.jobs)
             chapters[chapter.relative_to(ROOT).as_posix()] = {"seconds": round(t, 1),

@@ -34,6 +34,9 @@ def _run(args, tmp_path, **env):
     (["run", "surprisal", "--set", "n_prompts=100000000"], "n_prompts=100000000 is out of range"),
     (["run", "surprisal", "--set", "tasks=affine-3x+1"], "unknown task 'affine-3x+1': use a task of the suite"),
     (["run", "all", "--jobs", "0"], "--jobs must be at least 1, got 0"),
+    (["run", "report/99-nothing.qmd"], "report/99-nothing.qmd is not a page of the book"),
+    (["run", "report/references.qmd"], "reads no cached results"),
+    (["run", "report/05-ablation.qmd", "--seed", "3"], "--set and --seed apply to one experiment"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(args, message, tmp_path, capsys, monkeypatch):
     """Refused before any model is loaded or anything is computed or written."""
@@ -266,3 +269,22 @@ def test_run_all_with_jobs_computes_nothing_that_is_cached(tmp_path):
     out = _run(["run", "all", "--jobs", "2"], tmp_path, ICL_CACHE_DIR=str(REPO_ROOT / "cache"))
     assert out.returncode == 0, out.stderr
     assert f"0 computed, {len(experiments.names())} already cached" in out.stdout
+
+
+def test_run_a_chapter_fills_what_it_reads_and_what_that_depends_on(tmp_path, monkeypatch, capsys):
+    """`run report/05-ablation.qmd` names the chapter's experiments and their dependencies, dependencies
+    first, from the repository root or from anywhere else, and the `book.load` calls are what it reads."""
+    from icl import quarto
+    from icl.config import REPO_ROOT
+
+    assert quarto.chapter_experiments(REPO_ROOT / "report" / "06-induction-heads.qmd") == [
+        "induction_heads", "ablation", "induction_ablation"]
+    assert cli._chapter_experiments("report/06-induction-heads.qmd") == [
+        "induction_heads", "patching", "ablation", "induction_ablation"]
+    monkeypatch.chdir(REPO_ROOT / "report")
+    assert cli._chapter_experiments("05-ablation.qmd") == ["patching", "ablation"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ICL_CACHE_DIR", str(REPO_ROOT / "cache"))
+    monkeypatch.setenv("ICL_CACHE", "readonly")
+    assert cli.main(["run", "report/03-logit-lens.qmd"]) == 0
+    assert capsys.readouterr().out.startswith("logit_lens: cached -> ")

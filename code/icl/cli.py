@@ -47,7 +47,8 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                      help="list the parameters of these experiments (all if none named): default, allowed values")
     run = sub.add_parser("run", help="compute an experiment (or 'all') into the cache, unless cached",
                          epilog=_run_epilog(argv), formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("experiment", help="experiment name or 'all'")
+    run.add_argument("experiment", help="experiment name, 'all', or a chapter's .qmd file (every experiment "
+                                        "the chapter reads, and what those depend on)")
     run.add_argument("--model", help="registry name, Hugging Face id or local folder (ICL_MODEL)")
     run.add_argument("--device", help="cpu, cuda, cuda:N, mps (ICL_DEVICE)")
     run.add_argument("--dtype", help="float32, bfloat16, float16 (ICL_DTYPE)")
@@ -137,10 +138,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = Config.from_env(model=args.model, device=args.device, dtype=args.dtype)
     if args.force:
         config = config.with_(cache_mode="refresh")
-    names = experiments.names() if args.experiment == "all" else [args.experiment]
+    chapter = args.experiment.endswith(".qmd")
+    if chapter:
+        names = _chapter_experiments(args.experiment)
+    else:
+        names = experiments.names() if args.experiment == "all" else [args.experiment]
     overrides = _overrides(args.set)
-    if args.experiment == "all" and (overrides or args.seed is not None):
-        raise ConfigError("--set and --seed apply to one experiment, not 'all'")
+    if (args.experiment == "all" or chapter) and (overrides or args.seed is not None):
+        raise ConfigError(f"--set and --seed apply to one experiment, not {args.experiment!r}")
     # Validate everything before loading a model or writing anything.
     plan = []
     for name in names:
@@ -172,6 +177,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         what = "computed" if (entry.path / "meta.json").stat().st_mtime >= start - 1 else "cached"
         print(f"{name}: {what} -> {_show(entry.path)} ({took:.1f} s)")
     return 0
+
+
+def _chapter_experiments(arg: str) -> list[str]:
+    """A chapter of the book, as a path (from here or from the repository root): what it reads and what
+    that depends on, dependencies first. With ``--force`` all of them are recomputed, which is what
+    reproducing the chapter from an empty cache takes."""
+    from icl import quarto, schedule
+
+    pages = {p.resolve(): p for p in quarto.book_files(REPO_ROOT)}
+    path = next((c.resolve() for c in (Path(arg), REPO_ROOT / arg) if c.resolve() in pages), None)
+    if path is None:
+        raise ConfigError(f"{arg} is not a page of the book: pages are listed in _quarto.yml, e.g. "
+                          "report/04-patching.qmd")
+    names = quarto.chapter_experiments(path)
+    if not names:
+        raise ConfigError(f"{arg} reads no cached results: there is nothing to compute for it")
+    return schedule.closure(names)
 
 
 def _parallel(jobs: int, spec: models.ModelSpec, config: Config) -> bool:

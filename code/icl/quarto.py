@@ -133,6 +133,15 @@ def book_files(root: Path) -> list[Path]:
             if rel.endswith(".qmd")]
 
 
+_LOAD = re.compile(r"""\bbook\.load\(\s*["'](\w+)["']""")
+
+
+def chapter_experiments(path: Path) -> list[str]:
+    """The experiments whose results a page reads (its ``book.load("name")`` calls), in order of first
+    use; their dependencies are not included (see :func:`icl.schedule.closure`)."""
+    return list(dict.fromkeys(_LOAD.findall(path.read_text(encoding="utf-8"))))
+
+
 # --------------------------------------------------------------------------
 # Source checks
 # --------------------------------------------------------------------------
