@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from icl.patching import AnswerScores, PatchPairs, answer_matrix, score_answers
+from icl.patching import AnswerScores, PatchPairs, answer_matrix, score_answers, teacher_forced_batches
 from icl.runner import LlamaStack, PatchingError
 
 
@@ -149,15 +149,10 @@ def a_pass(stack: LlamaStack, pairs: PatchPairs, z_edit=None, batch_size: int = 
 
     Returns ``(resid_pre [n_layers, n, q_len, d_model], AnswerScores, ARuns)``."""
     answers, mask, last_digit = answer_matrix(pairs)
-    M, q = answers.shape[1], pairs.q_len
+    q = pairs.q_len
     acts, cols, logps, zs, des = [], [[], [], [], []], [], [], []
-    for start in range(0, pairs.n, batch_size):
-        rows = list(range(start, min(pairs.n, start + batch_size)))
-        seqs = [list(pairs.a_ids[i]) + answers[i, : M - 1].tolist() for i in rows]
-        lens = torch.tensor([len(pairs.a_ids[i]) for i in rows])
-        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(x, dtype=torch.long) for x in seqs], batch_first=True)
+    for rows, ids, lens, where in teacher_forced_batches(pairs, answers, batch_size):
         query = lens[:, None] - q + torch.arange(q)[None]  # [R, q]; the last one is the answer position
-        where = lens[:, None] - 1 + torch.arange(M)[None]  # [R, M] positions predicting the answer tokens
         tr = stack.forward(ids, keep=torch.cat([query, where], 1), logit_pos=where, keep_kv=False, z_edit=z_edit)
         acts.append(tr.resid_pre[: stack.n_layers, :, :q].cpu())
         logp = torch.log_softmax(tr.logits.float(), -1)

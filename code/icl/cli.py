@@ -185,7 +185,7 @@ def _chapter_experiments(arg: str) -> list[str]:
     reproducing the chapter from an empty cache takes."""
     from icl import quarto, schedule
 
-    pages = {p.resolve(): p for p in quarto.book_files(REPO_ROOT)}
+    pages = {p.resolve() for p in quarto.book_files(REPO_ROOT)}
     path = next((c.resolve() for c in (Path(arg), REPO_ROOT / arg) if c.resolve() in pages), None)
     if path is None:
         raise ConfigError(f"{arg} is not a page of the book: pages are listed in _quarto.yml, e.g. "

@@ -39,7 +39,7 @@ never as a full activation cache, with optional extra hooks on A (head ablations
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -145,19 +145,27 @@ def score_answers(logp: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor,
     return tok[:, 0], whole, last, hit.all(1)
 
 
-@torch.inference_mode()
-def answer_scores(stack: LlamaStack, pairs: PatchPairs, z_edit: Any = None, batch_size: int = 8) -> AnswerScores:
-    """A's whole answer, teacher-forced: each A prompt is run on with its answer's tokens (all but the
-    last) and every answer token is read out. ``z_edit`` runs A with heads edited (ablated)."""
-    answers, mask, last_digit = answer_matrix(pairs)
+def teacher_forced_batches(pairs: PatchPairs, answers: torch.Tensor, batch_size: int
+                           ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The A prompts in batches, each run on through its answer (all tokens but the last, from
+    ``answers`` of :func:`answer_matrix`): ``(rows, ids [R, T] right-padded, lens [R] of the A prompts,
+    where [R, M] the positions that predict the answer tokens)``."""
     M = answers.shape[1]
-    cols: list[list[np.ndarray]] = [[], [], [], []]
     for start in range(0, pairs.n, batch_size):
         rows = list(range(start, min(pairs.n, start + batch_size)))
         seqs = [list(pairs.a_ids[i]) + answers[i, : M - 1].tolist() for i in rows]
         lens = torch.tensor([len(pairs.a_ids[i]) for i in rows])
         ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(x, dtype=torch.long) for x in seqs], batch_first=True)
-        where = lens[:, None] - 1 + torch.arange(M)[None]  # [R, M] positions predicting the answer tokens
+        yield rows, ids, lens, lens[:, None] - 1 + torch.arange(M)[None]
+
+
+@torch.inference_mode()
+def answer_scores(stack: LlamaStack, pairs: PatchPairs, z_edit: Any = None, batch_size: int = 8) -> AnswerScores:
+    """A's whole answer, teacher-forced: each A prompt is run on with its answer's tokens (all but the
+    last) and every answer token is read out. ``z_edit`` runs A with heads edited (ablated)."""
+    answers, mask, last_digit = answer_matrix(pairs)
+    cols: list[list[np.ndarray]] = [[], [], [], []]
+    for rows, ids, _, where in teacher_forced_batches(pairs, answers, batch_size):
         tr = stack.forward(ids, keep=where, keep_kv=False, z_edit=z_edit)
         logp = torch.log_softmax(tr.logits.float(), -1)
         got = score_answers(logp, *(t[rows].to(logp.device) for t in (answers, mask, last_digit)))

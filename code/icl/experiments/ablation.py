@@ -231,8 +231,8 @@ def compute(params: Params, model: Any, progress: bool = False,
                                    z_edit=edit)
         # the runner against TransformerLens's own hooked forward, on the first batch of ablated A runs
         check = patching.subset(pairs, range(min(8, pairs.n)))
-        _, b_logp = patching.a_activations(model.bridge, tok, check, ["resid_pre"],
-                                                fwd_hooks=ablation.zero_heads_hook(heads))
+        _, b_logp = patching.a_activations(model.bridge, tok, check, kinds=(),
+                                           fwd_hooks=ablation.zero_heads_hook(heads))
         # normalised by the ablated A (what is patched) and the B ablated the same way
         rec = _recovered(f"procedure.{it}", {
             "first": (grid.logp["resid_pre"], logp_abl.astype(np.float64), grid.logp_b),
